@@ -1,0 +1,47 @@
+"""python -m microproxy: parse the environment, build the proxy, run it on uvloop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import uvloop
+
+from .config import Config
+from .logfmt import setup_logging
+from .proxy import Proxy
+
+
+async def main(cfg: Config) -> int:
+    loop = asyncio.get_running_loop()
+    proxy = Proxy(cfg, loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(proxy.start())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return 0
+    stopper.cancel()
+    starting.result()
+    await stop.wait()
+    await proxy.shutdown()
+    return 0
+
+
+def run() -> None:
+    try:
+        cfg = Config.from_env()
+    except (ValueError, OSError) as e:
+        print(f"microproxy: {e}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging(cfg.log_level)
+    sys.exit(uvloop.run(main(cfg)))
+
+
+if __name__ == "__main__":
+    run()

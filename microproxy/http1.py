@@ -1,0 +1,777 @@
+"""HTTP/1.1 proxying on httptools: the server side (a client's connection to us), the
+upstream side (our pooled connection to a peer or the app), and CONNECT tunnels.
+
+Theory of operation
+-------------------
+A ``ServerConn`` parses requests. Each request becomes an ``Exchange``. One exchange is
+*active* at a time per connection; pipelined requests wait in a queue with reading paused.
+The connection hands the active exchange to its ``Router`` (outbound or inbound), which
+picks an upstream and calls ``UpstreamConn.attach(exchange)``; request body bytes flow
+``ServerConn -> Exchange -> UpstreamConn`` and response bytes flow back directly from the
+``UpstreamConn`` to the ``ServerConn``'s transport. Nothing is buffered whole: when either
+transport's write buffer passes its high-water mark, the other side stops reading
+(``pause_reading``) until it drains. The exchange ends when the response ends; the
+upstream goes back to its pool if both messages ended cleanly.
+
+Strictness (REFERENCE-hardening.md §3): llhttp (inside httptools) rejects malformed
+framing, and ``check_head`` adds what it lets through: CL+TE, non-digit or conflicting
+Content-Length, Transfer-Encoding other than a single ``chunked``, control bytes in values,
+bad header names, missing/duplicate/invalid Host, versions other than 1.0/1.1, too many or
+too large headers (431). A rejected request gets a 400/431/501 and the connection closes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import deque
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httptools
+
+from .metrics import labels
+from .tls import peer_identity
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_HEADERS = 100
+MAX_HEAD_BYTES = 60 * 1024
+HIGH_WATER = 64 * 1024
+LOW_WATER = 16 * 1024
+ERROR_HEADER = b"x-mesh-proxy-error"
+
+_DIGITS = re.compile(rb"^[0-9]{1,19}$")
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]+)(:[0-9]{1,5})?$")
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade", b"http2-settings", b"proxy-authorization",
+                        b"proxy-authenticate"))
+REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found",
+           408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+           500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+           503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported"}
+
+
+class Reject(Exception):
+    """A request we refuse before forwarding it: answered with ``status`` and closed."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def check_head(version: str, headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool, bytes | None]:
+    """Validate a request head beyond llhttp. Returns (content_length, chunked, host).
+
+    Header names are lower-cased by the caller. Raises Reject."""
+    if version not in ("1.1", "1.0"):
+        raise Reject(505 if version.startswith(("2", "3")) else 400, f"unsupported HTTP version {version}")
+    cl: int | None = None
+    te: list[bytes] = []
+    host: bytes | None = None
+    hosts = 0
+    for name, value in headers:
+        if not _TOKEN.match(name):
+            raise Reject(400, "invalid header name")
+        if _BAD_VALUE.search(value):
+            raise Reject(400, "invalid character in header value")
+        if name == b"content-length":
+            for part in value.split(b","):
+                part = part.strip(b" \t")
+                if not _DIGITS.match(part):
+                    raise Reject(400, "invalid content-length")
+                n = int(part)
+                if cl is not None and n != cl:
+                    raise Reject(400, "conflicting content-length")
+                cl = n
+        elif name == b"transfer-encoding":
+            te.extend(p.strip(b" \t").lower() for p in value.split(b","))
+        elif name == b"host":
+            hosts += 1
+            host = value.strip(b" \t")
+    if te:
+        if version == "1.0":
+            raise Reject(400, "transfer-encoding in an HTTP/1.0 request")
+        if cl is not None:
+            raise Reject(400, "content-length and transfer-encoding together")
+        if te != [b"chunked"]:
+            raise Reject(501, "unsupported transfer-encoding")
+    if hosts > 1:
+        raise Reject(400, "duplicate host header")
+    if host is not None and (not host or not _HOST.match(host)):
+        raise Reject(400, "invalid host header")
+    if host is None and version == "1.1":
+        raise Reject(400, "missing host header")
+    return cl, bool(te), host
+
+
+def parse_digits(value: bytes) -> int | None:
+    """A strict non-negative integer (no sign, no spaces, no underscores), or None."""
+    return int(value) if _DIGITS.match(value) else None
+
+
+def error_response(status: int, reason: str, close: bool, grpc: bool = False) -> bytes:
+    body = f"{reason}\n".encode()
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")),
+            b"content-type: text/plain\r\ncontent-length: %d\r\n" % len(body),
+            ERROR_HEADER + b": " + reason.encode("ascii", "replace") + b"\r\n"]
+    if close:
+        head.append(b"connection: close\r\n")
+    head.append(b"\r\n")
+    return b"".join(head) + body
+
+
+class Router(Protocol):
+    def dispatch(self, conn: "ServerConn", ex: "Exchange") -> None: ...
+    def tunnel(self, conn: "ServerConn", ex: "Exchange", rest: bytes) -> None: ...
+
+
+class Exchange:
+    """One request/response pair passing through the proxy."""
+
+    __slots__ = ("method", "target", "version", "headers", "host", "keep_alive", "chunked",
+                 "length", "body", "body_buffered", "body_done", "upstream", "start",
+                 "status", "resp_started", "done", "metric_key", "authority", "flag", "attempts",
+                 "body_sent", "wire_head", "endpoint")
+
+    def __init__(self, method: bytes, target: bytes, version: str,
+                 headers: list[tuple[bytes, bytes]], host: bytes | None, keep_alive: bool,
+                 chunked: bool, length: int | None) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.host = host
+        self.keep_alive = keep_alive
+        self.chunked = chunked
+        self.length = length
+        self.body: list[bytes] = []   # body bytes (already framed for upstream) not yet sent
+        self.body_buffered = 0
+        self.body_done = not chunked and not length
+        self.body_sent = False
+        self.upstream: UpstreamConn | None = None
+        self.start = perf_counter()
+        self.status = 0
+        self.resp_started = False
+        self.done = False
+        self.metric_key = ""
+        self.authority = ""
+        self.flag = ""
+        self.attempts = 0
+        self.wire_head = b""
+        self.endpoint: Any = None
+
+    def head(self, target: bytes, host: bytes | None, extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+             drop: frozenset[bytes] = frozenset()) -> bytes:
+        """Serialize the request head for upstream: hop-by-hop headers stripped, framing kept."""
+        conn_tokens: set[bytes] = set()
+        for name, value in self.headers:
+            if name == b"connection":
+                conn_tokens.update(t.strip().lower() for t in value.split(b","))
+        parts = [self.method, b" ", target, b" HTTP/1.1\r\n"]
+        if host is not None:
+            parts += [b"host: ", host, b"\r\n"]
+        for name, value in self.headers:
+            if name in HOP_BY_HOP or name == b"host" or name in drop or name in conn_tokens:
+                continue
+            parts += [name, b": ", value, b"\r\n"]
+        for name, value in extra:
+            parts += [name, b": ", value, b"\r\n"]
+        if self.chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+
+class ServerConn(asyncio.Protocol):
+    """A client's connection to one of our listeners."""
+
+    def __init__(self, router: Router, metrics: "Metrics", registry: set["ServerConn"],
+                 loop: asyncio.AbstractEventLoop, direction: str = "outbound",
+                 tls: bool = False) -> None:
+        self.router = router
+        self.metrics = metrics
+        self.registry = registry
+        self.loop = loop
+        self.direction = direction
+        self.tls = tls
+        self.peer_id: str | None = None
+        self.tcp_key = ""
+        self.transport: Any = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.active: Exchange | None = None
+        self.reading: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.paused: set[str] = set()
+        self.closing = False
+        self.tunnel_peer: Any = None
+        self.read_bytes = 0
+        self.written = 0
+        self.last_active = 0.0
+        self.cache: dict[bytes, Any] = {}   # per-connection route/label cache for the router
+        # per-message parse state
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = False
+
+    # --- asyncio.Protocol
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        self.registry.add(self)
+        if self.direction == "inbound":
+            if self.tls:
+                self.peer_id = peer_identity(transport.get_extra_info("ssl_object"))
+                self.tcp_key = labels(direction="inbound", peer="src", tls="true",
+                                      client_id=self.peer_id or "")
+            else:
+                self.tcp_key = labels(direction="inbound", peer="src", tls="no_identity",
+                                      no_tls_reason="no_tls_from_remote")
+        else:
+            self.tcp_key = labels(direction="outbound", peer="src")
+        self.metrics.tcp_opened(self.tcp_key)
+        self.last_active = self.loop.time()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.registry.discard(self)
+        self.metrics.tcp_closed(self.tcp_key, self.read_bytes, self.written)
+        self.closing = True
+        if self.tunnel_peer is not None:
+            self.tunnel_peer.close()
+        ex = self.active
+        if ex is not None and not ex.done:
+            ex.done = True
+            up = ex.upstream
+            if up is not None:
+                up.abort()  # the response has nowhere to go; the upstream's state is unknown
+        for q in self.queue:
+            q.done = True
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.read_bytes += len(data)
+        self.last_active = self.loop.time()
+        if self.tunnel_peer is not None:
+            self.tunnel_peer.write(data)
+            return
+        if self.closing and (self.reading is None or self.reading.body_done):
+            return  # after Connection: close, later pipelined bytes are not processed
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            offset = e.args[0]
+            ex = self.reading
+            if ex is not None and ex.method == b"CONNECT":
+                self._start_tunnel(ex, data[offset:])
+            else:
+                # An Upgrade request: we strip Upgrade and go on parsing as plain HTTP/1.1.
+                self.data_received_rest(data[offset:])
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, Reject):
+                self._reject(cause.status, cause.reason)
+            else:
+                log.error("request handling failed", exc_info=cause)
+                self._reject(502, "proxy error")
+        except httptools.HttpParserError as e:
+            if self.closing and self.reading is not None and self.reading.body_done:
+                return  # bytes after a Connection: close request; ignored (RFC 9112 §9.6)
+            self._reject(400, f"malformed request: {e}")
+
+    def data_received_rest(self, data: bytes) -> None:
+        if data:
+            self.read_bytes -= len(data)
+            self.data_received(data)
+
+    def pause_writing(self) -> None:
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause("downstream")
+        if self.tunnel_peer is not None:
+            self.tunnel_peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.resume("downstream")
+        if self.tunnel_peer is not None:
+            self.tunnel_peer.resume_reading()
+
+    # --- reading control
+    def pause(self, why: str) -> None:
+        if not self.paused:
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def resume(self, why: str) -> None:
+        if why in self.paused:
+            self.paused.discard(why)
+            if not self.paused and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # --- httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise Reject(431, "request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise Reject(431, "request head too large")
+        if len(self._headers) >= MAX_HEADERS:
+            raise Reject(431, "too many headers")
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self.parser
+        version = p.get_http_version()
+        cl, chunked, host = check_head(version, self._headers)
+        keep_alive = p.should_keep_alive()
+        ex = Exchange(p.get_method(), self._url, version, self._headers, host, keep_alive,
+                      chunked, cl)
+        self.reading = ex
+        if not keep_alive:
+            self.closing = True  # nothing after this request is processed
+        if ex.method == b"CONNECT":
+            return  # handled when llhttp reports the upgrade
+        if self.active is None:
+            self.active = ex
+            self.router.dispatch(self, ex)
+        else:
+            self.queue.append(ex)
+            self.pause("pipeline")
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.reading
+        if ex is None or ex.done:
+            return
+        if ex.chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        up = ex.upstream
+        if up is not None and ex.body_sent:
+            up.write(data)
+        else:
+            ex.body.append(data)
+            ex.body_buffered += len(data)
+            if ex.body_buffered > HIGH_WATER:
+                self.pause("buffer")
+
+    def on_message_complete(self) -> None:
+        ex = self.reading
+        if ex is None:
+            return
+        ex.body_done = True
+        if ex.chunked:
+            if ex.upstream is not None and ex.body_sent:
+                ex.upstream.write(b"0\r\n\r\n")
+            else:
+                ex.body.append(b"0\r\n\r\n")
+        if ex.upstream is not None and ex.done is False:
+            ex.upstream.request_complete()
+
+    # --- used by routers and upstreams
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        self.transport.write(data)
+
+    def respond_error(self, ex: Exchange, status: int, reason: str, flag: str) -> None:
+        """Answer ``ex`` ourselves (a proxy-made error) and log it with a response flag."""
+        if ex.done:
+            return
+        ex.flag = flag
+        log.warning("proxy error", extra={"status": status, "reason": reason, "flag": flag,
+                                          "authority": ex.authority})
+        if ex.resp_started:
+            self.finish(ex, reusable=False)
+            self.transport.abort()
+            return
+        close = not ex.body_done or not ex.keep_alive or self.closing
+        ex.status = status
+        self.write(error_response(status, reason, close))
+        self.finish(ex, reusable=False, close=close)
+
+    def finish(self, ex: Exchange, reusable: bool = True, close: bool = False) -> None:
+        """The response to ``ex`` has been fully written."""
+        if ex.done:
+            return
+        ex.done = True
+        if ex.metric_key:
+            status = ex.status
+            self.metrics.response(ex.metric_key, status, status >= 500,
+                                  (perf_counter() - ex.start) * 1000.0)
+        self.active = None
+        if ex.flag or log.isEnabledFor(logging.DEBUG):
+            log.info("access", extra={"direction": self.direction, "authority": ex.authority,
+                                      "status": ex.status, "flag": ex.flag, "client_id": self.peer_id})
+        if close or not ex.keep_alive or not ex.body_done or (self.closing and not self.queue):
+            self.transport.close()
+            return
+        self.resume("buffer")
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.active = nxt
+            if not self.queue:
+                self.resume("pipeline")
+            self.router.dispatch(self, nxt)
+
+    def _reject(self, status: int, reason: str) -> None:
+        log.info("rejected request", extra={"status": status, "reason": reason})
+        self.closing = True
+        ex = self.active
+        if ex is not None and not ex.done:
+            # the broken request is pipelined behind one in flight: drop the connection
+            self.transport.abort()
+            return
+        self.write(error_response(status, reason, close=True))
+        self.transport.close()
+
+    def _start_tunnel(self, ex: Exchange, rest: bytes) -> None:
+        if self.active is not None:
+            self._reject(400, "CONNECT pipelined behind another request")
+            return
+        self.active = ex
+        self.pause("tunnel")
+        self.router.tunnel(self, ex, rest)
+
+    def start_splice(self, peer: Any, rest: bytes) -> None:
+        """Become a byte pipe to ``peer`` (a transport)."""
+        self.tunnel_peer = peer
+        if rest:
+            peer.write(rest)
+        self.resume("tunnel")
+
+    def graceful_close(self) -> None:
+        """Shutdown: close now if idle, else after the response in flight."""
+        self.closing = True
+        if self.active is None and self.tunnel_peer is None:
+            self.transport.close()
+
+
+OK_CONNECT = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+
+
+class UpstreamConn(asyncio.Protocol):
+    """Our connection to a peer proxy or the local app; carries one exchange at a time."""
+
+    def __init__(self, pool: "Pool") -> None:
+        self.pool = pool
+        self.transport: Any = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.ex: Exchange | None = None
+        self.server: ServerConn | None = None
+        self.paused: set[str] = set()
+        self.closed = False
+        self.reused = False
+        self.resp_chunked = False
+        self.resp_until_close = False
+        self.resp_keep_alive = True
+        self.reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self.idle_since = 0.0
+
+    # --- asyncio.Protocol
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.discard(self)
+        ex, server = self.ex, self.server
+        self.ex = self.server = None
+        if ex is None or server is None or ex.done:
+            return
+        if self.resp_until_close and ex.resp_started:
+            if self.resp_chunked:
+                server.write(b"0\r\n\r\n")
+            server.finish(ex, reusable=False)
+            return
+        if not ex.resp_started and self.reused and ex.attempts == 0 and not ex.body_sent:
+            # A pooled connection the peer had already closed: try once more on a new one.
+            ex.attempts += 1
+            ex.upstream = None
+            self.pool.router_retry(server, ex)
+            return
+        server.respond_error(ex, 502, "upstream connection lost", "UC")
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail("unexpected protocol upgrade from upstream")
+        except httptools.HttpParserError as e:
+            self._fail(f"malformed response from upstream: {e}")
+
+    def _fail(self, reason: str) -> None:
+        ex, server = self.ex, self.server
+        self.abort()
+        if ex is not None and server is not None:
+            server.respond_error(ex, 502, reason, "UPE")
+
+    def pause_writing(self) -> None:
+        if self.server is not None:
+            self.server.pause("upstream")
+
+    def resume_writing(self) -> None:
+        if self.server is not None:
+            self.server.resume("upstream")
+
+    def pause(self, why: str) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def resume(self, why: str) -> None:
+        if why in self.paused:
+            self.paused.discard(why)
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    # --- driving an exchange
+    def attach(self, ex: Exchange, server: ServerConn, head: bytes) -> None:
+        self.ex, self.server = ex, server
+        ex.upstream = self
+        self.resp_chunked = self.resp_until_close = False
+        self.resp_keep_alive = True
+        body = ex.body
+        if body:
+            self.transport.write(head + b"".join(body))
+            ex.body = []
+            server.resume("buffer")
+        else:
+            self.transport.write(head)
+        ex.body_sent = True
+        if ex.body_done:
+            self.request_complete()
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def request_complete(self) -> None:
+        pass  # the request is fully sent; nothing to do until the response ends
+
+    def abort(self) -> None:
+        self.ex = self.server = None
+        if not self.closed:
+            self.closed = True
+            self.pool.discard(self)
+            self.transport.abort()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.discard(self)
+            self.transport.close()
+
+    # --- httptools callbacks
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self.reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        ex, server = self.ex, self.server
+        if ex is None or server is None:
+            return
+        status = self.parser.get_status_code()
+        headers = self._headers
+        conn_tokens: set[bytes] = set()
+        has_len = False
+        chunked = False
+        for name, value in headers:
+            if name == b"connection":
+                conn_tokens.update(t.strip().lower() for t in value.split(b","))
+            elif name == b"content-length":
+                has_len = True
+            elif name == b"transfer-encoding":
+                chunked = True
+        self.resp_keep_alive = self.parser.should_keep_alive()
+        informational = 100 <= status < 200
+        parts = [b"HTTP/1.1 %d " % status, self.reason or REASONS.get(status, b"Unknown"), b"\r\n"]
+        for name, value in headers:
+            if name in HOP_BY_HOP or name in conn_tokens:
+                continue
+            parts += [name, b": ", value, b"\r\n"]
+        bodyless = informational or status in (204, 304) or ex.method == b"HEAD"
+        if not informational:
+            ex.status = status
+            ex.resp_started = True
+            if not bodyless and not has_len:
+                if chunked:
+                    self.resp_chunked = True
+                else:
+                    self.resp_until_close = True
+                    self.resp_chunked = ex.version == "1.1"
+                if self.resp_chunked:
+                    parts.append(b"transfer-encoding: chunked\r\n")
+            if not ex.keep_alive or server.closing and not server.queue or self.resp_until_close and not self.resp_chunked:
+                parts.append(b"connection: close\r\n")
+                ex.keep_alive = False
+        parts.append(b"\r\n")
+        server.write(b"".join(parts))
+        if ex.method == b"HEAD" and not informational:
+            self._end(ex, server)
+            # llhttp does not know this response has no body: start a fresh parser.
+            self.parser = httptools.HttpResponseParser(self)
+
+    def on_body(self, data: bytes) -> None:
+        server = self.server
+        if server is None:
+            return
+        if self.resp_chunked:
+            server.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            server.write(data)
+
+    def on_message_complete(self) -> None:
+        ex, server = self.ex, self.server
+        if ex is None or server is None:
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # an interim response; the final one follows
+        if self.resp_chunked:
+            server.write(b"0\r\n\r\n")
+        self._end(ex, server)
+
+    def _end(self, ex: Exchange, server: ServerConn) -> None:
+        self.ex = self.server = None
+        reusable = self.resp_keep_alive and ex.body_done and not self.resp_until_close
+        if self.paused:
+            self.paused.clear()
+            if not self.closed:
+                self.transport.resume_reading()
+        if reusable:
+            self.pool.release(self)
+        else:
+            self.close()
+        server.finish(ex)
+
+
+class Pool:
+    """Idle keep-alive connections to one upstream address."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, connect: Any, retry: Any,
+                 max_idle: int = 128, idle_timeout: float = 60.0) -> None:
+        self.loop = loop
+        self._connect = connect          # async () -> UpstreamConn
+        self.router_retry = retry        # (server, ex) -> None
+        self.idle: list[UpstreamConn] = []
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.active = 0
+
+    def take(self) -> UpstreamConn | None:
+        idle = self.idle
+        while idle:
+            up = idle.pop()
+            if not up.closed:
+                up.reused = True
+                return up
+        return None
+
+    async def connect(self) -> UpstreamConn:
+        return await self._connect(self)
+
+    def release(self, up: UpstreamConn) -> None:
+        if up.closed:
+            return
+        if len(self.idle) >= self.max_idle:
+            up.close()
+            return
+        up.idle_since = self.loop.time()
+        self.idle.append(up)
+
+    def discard(self, up: UpstreamConn) -> None:
+        try:
+            self.idle.remove(up)
+        except ValueError:
+            pass  # not idle: it was carrying an exchange
+
+    def sweep(self, now: float) -> None:
+        for up in [u for u in self.idle if now - u.idle_since > self.idle_timeout]:
+            up.close()
+
+    def close_all(self) -> None:
+        for up in list(self.idle):
+            up.close()
+
+
+class TunnelPeer(asyncio.Protocol):
+    """The far side of a CONNECT tunnel: bytes go straight back to the ServerConn.
+
+    With ``handshake`` set, the first bytes are the peer proxy's answer to our CONNECT:
+    the future gets its status code and any bytes after the head wait for ``splice()``."""
+
+    def __init__(self, server: ServerConn, handshake: bool = False) -> None:
+        self.server = server
+        self.transport: Any = None
+        self.buffer = b""
+        self.spliced = False
+        self.handshake: asyncio.Future[int] | None = \
+            asyncio.get_running_loop().create_future() if handshake else None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self.spliced:
+            self.server.write(data)
+            return
+        self.buffer += data
+        hs = self.handshake
+        if hs is not None and not hs.done():
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > 8192:
+                    hs.set_result(0)
+                return
+            line = self.buffer.split(b"\r\n", 1)[0].split(b" ")
+            code = parse_digits(line[1]) if len(line) > 1 else None
+            self.buffer = self.buffer[end + 4:]
+            hs.set_result(code or 0)
+
+    def splice(self) -> None:
+        self.spliced = True
+        if self.buffer:
+            self.server.write(self.buffer)
+            self.buffer = b""
+
+    def eof_received(self) -> bool | None:
+        self.server.transport.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        hs = self.handshake
+        if hs is not None and not hs.done():
+            hs.set_result(0)
+        if not self.server.transport.is_closing():
+            self.server.transport.close()
+
+    def pause_writing(self) -> None:
+        self.server.pause("upstream")
+
+    def resume_writing(self) -> None:
+        self.server.resume("upstream")

@@ -1,0 +1,518 @@
+"""The proxy: outbound and inbound routers, listeners, admin, lifecycle.
+
+outbound: app --plain--> 127.0.0.1:4140 --(resolve authority, pick endpoint, pooled mTLS)--> peer:4143
+inbound:  peer --mTLS or plaintext (detected on the first byte)--> :4143 --plain--> 127.0.0.1:app_port
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from typing import Any
+
+from . import clock, ctlhttp
+from .config import Config
+from .discovery import Discovery, Endpoint, Resolution
+from .http1 import (OK_CONNECT, Exchange, Pool, ServerConn, TunnelPeer, UpstreamConn,
+                    error_response)
+from .identity_client import Credentials, IdentityClient, refresh_in
+from .metrics import CONTENT_TYPE, Metrics, labels
+
+log = logging.getLogger(__name__)
+
+DETECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+SWEEP_INTERVAL = 5.0
+IDLE_TIMEOUT = 90.0          # downstream keep-alive connections with nothing in flight
+HEADER_TIMEOUT = 10.0        # a request head must arrive this fast (slowloris)
+DROP_CLIENT_ID = frozenset((b"x-mesh-client-id",))
+
+
+def normalize_authority(host: bytes) -> str | None:
+    """``Books.Default.`` -> ``books.default:80``; keeps an explicit port."""
+    try:
+        h = host.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return None
+    if not h:
+        return None
+    if h.startswith("["):
+        end = h.find("]")
+        name, rest = h[: end + 1], h[end + 1:]
+        port = rest[1:] if rest.startswith(":") else "80"
+    else:
+        name, sep, port = h.partition(":")
+        if not sep:
+            port = "80"
+    name = name.rstrip(".")
+    if not port.isdigit() or not name or not 0 < int(port) < 65536:
+        return None
+    return f"{name}:{int(port)}"
+
+
+def split_target(target: bytes) -> tuple[bytes | None, bytes]:
+    """(authority or None, origin-form path) of a request target."""
+    if target[:1] == b"/":
+        return None, target
+    low = target[:8].lower()
+    if low.startswith(b"http://"):
+        rest = target[7:]
+    elif low.startswith(b"https://"):
+        rest = target[8:]
+    else:
+        return None, b""
+    cut = len(rest)
+    for sep in (b"/", b"?", b"#"):
+        i = rest.find(sep)
+        if 0 <= i < cut:
+            cut = i
+    path = rest[cut:]
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return rest[:cut], path
+
+
+class Outbound:
+    """Routes the app's requests to the service's endpoints over mTLS."""
+
+    def __init__(self, proxy: "Proxy") -> None:
+        self.proxy = proxy
+        self.pools: dict[tuple[tuple[str, int], str], Pool] = {}
+        self.hosts: dict[bytes, str | None] = {}
+
+    def _authority(self, host: bytes) -> str | None:
+        auth = self.hosts.get(host)
+        if auth is None:
+            auth = normalize_authority(host)
+            if len(self.hosts) > 10000:
+                self.hosts.clear()
+            self.hosts[host] = auth
+        return auth
+
+    def dispatch(self, conn: ServerConn, ex: Exchange) -> None:
+        host, path = split_target(ex.target)
+        if host is None:
+            if not path:
+                conn.respond_error(ex, 400, "unsupported request target", "BR")
+                return
+            host = ex.host
+        if not host:
+            conn.respond_error(ex, 400, "no authority in request", "BR")
+            return
+        auth = self._authority(host)
+        if auth is None:
+            conn.respond_error(ex, 400, "invalid authority", "BR")
+            return
+        ex.authority = auth
+        ex.wire_head = ex.head(path, host)
+        res = self.proxy.discovery.get(auth)
+        if res.exists and res.endpoints:
+            self.send(conn, ex, res)
+        elif res.exists is False:
+            conn.respond_error(ex, 503, f"unknown service {auth}", "NR")
+        else:
+            self.proxy.spawn(self._wait_then_send(conn, ex, res))
+
+    async def _await_endpoints(self, res: Resolution) -> bool:
+        deadline = asyncio.get_running_loop().time() + self.proxy.cfg.failfast_timeout
+        while not (res.exists and res.endpoints):
+            if res.exists is False:
+                return False
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(res.changed.wait(), left)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    async def _wait_then_send(self, conn: ServerConn, ex: Exchange, res: Resolution) -> None:
+        ok = await self._await_endpoints(res)
+        if ex.done:
+            return
+        if ok:
+            self.send(conn, ex, res)
+        elif res.exists is False:
+            conn.respond_error(ex, 503, f"unknown service {ex.authority}", "NR")
+        else:
+            conn.respond_error(ex, 504, f"no endpoints for {ex.authority} (fail-fast)", "NR")
+
+    def pool(self, ep: Endpoint) -> Pool:
+        key = (ep.addr, ep.identity)
+        pool = self.pools.get(key)
+        if pool is None:
+            proxy = self.proxy
+
+            async def connect(p: Pool) -> UpstreamConn:
+                creds = proxy.creds
+                assert creds is not None
+                _, up = await asyncio.wait_for(proxy.loop.create_connection(
+                    lambda: UpstreamConn(p), ep.addr[0], ep.addr[1], ssl=creds.client_ctx,
+                    server_hostname=ep.identity, ssl_handshake_timeout=HANDSHAKE_TIMEOUT),
+                    proxy.cfg.connect_timeout + HANDSHAKE_TIMEOUT)
+                return up
+
+            pool = self.pools[key] = Pool(proxy.loop, connect, self.retry, idle_timeout=60.0)
+        return pool
+
+    def send(self, conn: ServerConn, ex: Exchange, res: Resolution) -> None:
+        ep = res.pick()
+        assert ep is not None
+        ex.endpoint = ep
+        ex.metric_key = ep.metric_key
+        self.proxy.metrics.request(ep.metric_key)
+        pool = self.pool(ep)
+        up = pool.take()
+        if up is not None:
+            up.attach(ex, conn, ex.wire_head)
+        else:
+            self.proxy.spawn(self._connect_then_attach(conn, ex, pool))
+
+    async def _connect_then_attach(self, conn: ServerConn, ex: Exchange, pool: Pool) -> None:
+        try:
+            up = await pool.connect()
+        except (OSError, asyncio.TimeoutError) as e:
+            conn.respond_error(ex, 502, f"connect to {ex.endpoint.addr[0]}:{ex.endpoint.addr[1]} "
+                               f"failed: {type(e).__name__}", "UF")
+            return
+        if ex.done:
+            pool.release(up)
+            return
+        up.attach(ex, conn, ex.wire_head)
+
+    def retry(self, conn: ServerConn, ex: Exchange) -> None:
+        self.proxy.spawn(self._connect_then_attach(conn, ex, self.pool(ex.endpoint)))
+
+    def tunnel(self, conn: ServerConn, ex: Exchange, rest: bytes) -> None:
+        auth = normalize_authority(ex.target)
+        if auth is None:
+            conn.write(error_response(400, "invalid CONNECT authority", close=True))
+            conn.transport.close()
+            return
+        ex.authority = auth
+        self.proxy.spawn(self._tunnel(conn, ex, auth, rest))
+
+    async def _tunnel(self, conn: ServerConn, ex: Exchange, auth: str, rest: bytes) -> None:
+        proxy = self.proxy
+        res = proxy.discovery.get(auth)
+
+        def fail(status: int, reason: str) -> None:
+            log.warning("proxy error", extra={"status": status, "reason": reason, "authority": auth})
+            conn.write(error_response(status, reason, close=True))
+            conn.transport.close()
+
+        if not await self._await_endpoints(res):
+            fail(503 if res.exists is False else 504, f"no endpoints for {auth}")
+            return
+        ep = res.pick()
+        assert ep is not None and proxy.creds is not None
+        try:
+            transport, peer = await asyncio.wait_for(proxy.loop.create_connection(
+                lambda: TunnelPeer(conn, handshake=True), ep.addr[0], ep.addr[1],
+                ssl=proxy.creds.client_ctx, server_hostname=ep.identity,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT), proxy.cfg.connect_timeout + HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as e:
+            fail(502, f"connect failed: {type(e).__name__}")
+            return
+        transport.write(b"CONNECT %s HTTP/1.1\r\nhost: %s\r\n\r\n" % (auth.encode(), auth.encode()))
+        assert peer.handshake is not None
+        try:
+            code = await asyncio.wait_for(peer.handshake, HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            code = 0
+        if code != 200 or conn.transport.is_closing():
+            transport.close()
+            fail(502, f"peer refused the tunnel ({code})")
+            return
+        conn.write(OK_CONNECT)
+        peer.splice()
+        conn.start_splice(transport, rest)
+
+
+class Inbound:
+    """Forwards requests from peers (and plaintext clients) to the local app."""
+
+    def __init__(self, proxy: "Proxy") -> None:
+        self.proxy = proxy
+        port = proxy.cfg.app_port
+        self.app_pool: Pool | None = None
+        if port is not None:
+            async def connect(p: Pool) -> UpstreamConn:
+                _, up = await asyncio.wait_for(proxy.loop.create_connection(
+                    lambda: UpstreamConn(p), "127.0.0.1", port), proxy.cfg.connect_timeout)
+                return up
+            self.app_pool = Pool(proxy.loop, connect, self.retry, idle_timeout=4.0)
+
+    def metric_key(self, conn: ServerConn, host: bytes | None) -> str:
+        key = conn.cache.get(host)
+        if key is None:
+            auth = (host or b"").decode("latin-1")
+            if conn.tls:
+                key = labels(direction="inbound", authority=auth, tls="true", client_id=conn.peer_id or "")
+            else:
+                key = labels(direction="inbound", authority=auth, tls="no_identity",
+                             no_tls_reason="no_tls_from_remote")
+            conn.cache[host] = key
+        return key  # type: ignore[no-any-return]
+
+    def dispatch(self, conn: ServerConn, ex: Exchange) -> None:
+        key = self.metric_key(conn, ex.host)
+        ex.metric_key = key
+        ex.authority = (ex.host or b"").decode("latin-1")
+        self.proxy.metrics.request(key)
+        pool = self.app_pool
+        if pool is None:
+            conn.respond_error(ex, 503, "this workload serves no port", "NR")
+            return
+        extra = [(b"x-mesh-client-id", conn.peer_id.encode())] if conn.peer_id else []
+        ex.wire_head = ex.head(ex.target, ex.host, extra, DROP_CLIENT_ID)
+        up = pool.take()
+        if up is not None:
+            up.attach(ex, conn, ex.wire_head)
+        else:
+            self.proxy.spawn(self._connect_then_attach(conn, ex, pool))
+
+    async def _connect_then_attach(self, conn: ServerConn, ex: Exchange, pool: Pool) -> None:
+        try:
+            up = await pool.connect()
+        except (OSError, asyncio.TimeoutError) as e:
+            conn.respond_error(ex, 502, f"connect to app port failed: {type(e).__name__}", "UF")
+            return
+        if ex.done:
+            pool.release(up)
+            return
+        up.attach(ex, conn, ex.wire_head)
+
+    def retry(self, conn: ServerConn, ex: Exchange) -> None:
+        assert self.app_pool is not None
+        self.proxy.spawn(self._connect_then_attach(conn, ex, self.app_pool))
+
+    def tunnel(self, conn: ServerConn, ex: Exchange, rest: bytes) -> None:
+        self.proxy.spawn(self._tunnel(conn, rest))
+
+    async def _tunnel(self, conn: ServerConn, rest: bytes) -> None:
+        port = self.proxy.cfg.app_port
+        if port is None:
+            conn.write(error_response(503, "this workload serves no port", close=True))
+            conn.transport.close()
+            return
+        try:
+            transport, peer = await asyncio.wait_for(self.proxy.loop.create_connection(
+                lambda: TunnelPeer(conn), "127.0.0.1", port), self.proxy.cfg.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            conn.write(error_response(502, f"connect to app port failed: {type(e).__name__}", close=True))
+            conn.transport.close()
+            return
+        conn.write(OK_CONNECT)
+        peer.splice()
+        conn.start_splice(transport, rest)
+
+
+class Proxy:
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.cfg = cfg
+        self.loop = loop
+        self.metrics = Metrics(base=labels(namespace=cfg.namespace, workload=cfg.workload))
+        self.creds: Credentials | None = None
+        self.conns: set[ServerConn] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.discovery = Discovery(cfg, self._destination_client, loop)
+        self.outbound = Outbound(self)
+        self.inbound = Inbound(self)
+        self.identity = IdentityClient(cfg, clock.now)
+        self.ports: dict[str, int] = {}
+        self.servers: list[Any] = []
+        self.stopping = asyncio.Event()
+        self._inbound_sock: socket.socket | None = None
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        t = self.loop.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+        return t
+
+    def _destination_client(self) -> ctlhttp.Client:
+        assert self.creds is not None
+        host, port = self.cfg.destination_addr
+        return ctlhttp.Client(host, port, ssl=self.creds.client_ctx,
+                              server_hostname=self.cfg.destination_name, timeout=5.0)
+
+    def set_creds(self, creds: Credentials) -> None:
+        self.creds = creds
+        self.metrics.set_gauge("identity_cert_expiration_timestamp_seconds", "", creds.valid_until)
+        self.metrics.inc("identity_cert_refresh_total")
+        self.discovery.reset_client()
+
+    # --- readiness
+    def ready(self) -> tuple[bool, str]:
+        if self.creds is None:
+            return False, "no certificate yet"
+        if not self.discovery.reachable:
+            return False, "destination not reached yet"
+        if self.cfg.register and self.cfg.app_port and not self.discovery.registered:
+            return False, "workload not registered yet (is the app listening?)"
+        return True, "ready"
+
+    # --- listeners
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.set_creds(await self.identity.certify_with_retry())
+        out = await self.loop.create_server(
+            lambda: ServerConn(self.outbound, self.metrics, self.conns, self.loop, "outbound"),
+            cfg.outbound_addr[0], cfg.outbound_addr[1], backlog=1024, reuse_address=True)
+        self.servers.append(out)
+        self.ports["outbound"] = out.sockets[0].getsockname()[1]
+        self._inbound_sock = self._listen(cfg.inbound_addr)
+        self.ports["inbound"] = self._inbound_sock.getsockname()[1]
+        self.spawn(self._accept_inbound(self._inbound_sock))
+        admin = await ctlhttp.serve(self.admin, cfg.admin_addr[0], cfg.admin_addr[1])
+        self.servers.append(admin)
+        self.ports["admin"] = admin.sockets[0].getsockname()[1]
+        if cfg.ports_file:
+            from identity.store import write_json
+            from pathlib import Path
+            write_json(Path(cfg.ports_file), {"pid": os.getpid(), **self.ports})
+        self.spawn(self.discovery.run_lease(self.ports["inbound"]))
+        self.spawn(self._renew())
+        self.spawn(self._sweep())
+        log.info("proxy started", extra=self.ports)
+
+    def _listen(self, addr: tuple[str, int]) -> socket.socket:
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+        s.listen(1024)
+        s.setblocking(False)
+        return s
+
+    async def _accept_inbound(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = await self.loop.sock_accept(lsock)
+            except OSError as e:
+                log.warning("accept failed", extra={"error": repr(e)})
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.spawn(self._detect(sock))
+
+    async def _detect(self, sock: socket.socket) -> None:
+        """Peek at the first byte: 0x16 is a TLS handshake record, anything else plaintext."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        fd = sock.fileno()
+        self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await asyncio.wait_for(fut, DETECT_TIMEOUT)
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (asyncio.TimeoutError, OSError):
+            first = b""
+        finally:
+            self.loop.remove_reader(fd)
+        if not first or self.stopping.is_set():
+            sock.close()
+            return
+        is_tls = first[0] == 0x16
+        try:
+            if is_tls:
+                assert self.creds is not None
+                await self.loop.connect_accepted_socket(
+                    lambda: ServerConn(self.inbound, self.metrics, self.conns, self.loop, "inbound", tls=True),
+                    sock, ssl=self.creds.server_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+            else:
+                await self.loop.connect_accepted_socket(
+                    lambda: ServerConn(self.inbound, self.metrics, self.conns, self.loop, "inbound"), sock)
+        except (OSError, asyncio.TimeoutError) as e:
+            # failed handshakes (unknown CA, TLS 1.2, no shared cipher ...) end here
+            log.info("inbound connection failed", extra={"tls": is_tls, "error": repr(e)})
+            self.metrics.inc("inbound_tls_handshake_errors_total")
+            sock.close()
+
+    # --- background loops
+    async def _renew(self) -> None:
+        while True:
+            creds = self.creds
+            assert creds is not None
+            await asyncio.sleep(refresh_in(creds.issued_at, creds.valid_until, clock.now()))
+            try:
+                self.set_creds(await self.identity.certify_with_retry(stop_at=creds.valid_until))
+            except TimeoutError:
+                log.error("certificate expired before it could be renewed")
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = self.loop.time()
+            for conn in list(self.conns):
+                if conn.tunnel_peer is not None or conn.active is not None:
+                    continue
+                idle = now - conn.last_active
+                if idle > IDLE_TIMEOUT or (conn._in_head and idle > HEADER_TIMEOUT):
+                    conn.transport.close()
+            for pool in list(self.outbound.pools.values()):
+                pool.sweep(now)
+            if self.inbound.app_pool is not None:
+                self.inbound.app_pool.sweep(now)
+            self.discovery.evict()
+
+    # --- admin
+    async def admin(self, req: ctlhttp.Request) -> ctlhttp.Response:
+        path = req.path
+        if path == "/metrics":
+            return ctlhttp.Response(200, self.metrics.render(), [("content-type", CONTENT_TYPE)])
+        if path == "/live":
+            return ctlhttp.Response(200, b"live\n")
+        if path == "/ready":
+            ok, why = self.ready()
+            return ctlhttp.Response(200 if ok else 503, (why + "\n").encode())
+        if path == "/config":
+            return ctlhttp.Response.json(self.describe())
+        return ctlhttp.Response.error(404, "not found")
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.cfg
+        creds = self.creds
+        return {
+            "identity": cfg.identity, "workload": cfg.workload, "namespace": cfg.namespace,
+            "instance": cfg.instance, "ports": self.ports, "app_port": cfg.app_port,
+            "ready": self.ready()[1], "certificate_valid_until": creds.valid_until if creds else None,
+            "destination": {"reachable": self.discovery.reachable, "registered": self.discovery.registered},
+            "resolutions": {a: {"exists": r.exists, "version": r.version, "connected": r.connected,
+                                "endpoints": [{"address": f"{e.addr[0]}:{e.addr[1]}", "identity": e.identity,
+                                               "labels": e.labels} for e in r.endpoints]}
+                            for a, r in self.discovery.resolutions.items()},
+            "pools": {f"{k[0][0]}:{k[0][1]}": len(p.idle) for k, p in self.outbound.pools.items()},
+            "connections": len(self.conns),
+        }
+
+    # --- shutdown
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the grace period), leave."""
+        self.stopping.set()
+        for srv in self.servers[:1]:
+            srv.close()
+        if self._inbound_sock is not None:
+            self._inbound_sock.close()
+        for conn in list(self.conns):
+            conn.graceful_close()
+        deadline = self.loop.time() + self.cfg.shutdown_grace
+        while self.conns and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.conns):
+            conn.transport.abort()
+        await self.discovery.deregister()
+        self.discovery.close()
+        for srv in self.servers[1:]:
+            srv.close()
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        log.info("proxy stopped")
+
+
+def describe_json(proxy: Proxy) -> bytes:
+    return json.dumps(proxy.describe()).encode()
