@@ -211,6 +211,7 @@ class ServerConn(asyncio.Protocol):
         self.paused: set[str] = set()
         self.closing = False
         self.tunnel_peer: Any = None
+        self.out: list[bytes] | None = None
         self.read_bytes = 0
         self.written = 0
         self.last_active = 0.0
@@ -388,7 +389,25 @@ class ServerConn(asyncio.Protocol):
     # --- used by routers and upstreams
     def write(self, data: bytes) -> None:
         self.written += len(data)
-        self.transport.write(data)
+        out = self.out
+        if out is not None:
+            out.append(data)  # corked: flushed as one write when the upstream read is parsed
+        else:
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        self.out = []
+
+    def uncork(self) -> None:
+        out, self.out = self.out, None
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            self.transport.write(b"".join(out))
 
     def respond_error(self, ex: Exchange, status: int, reason: str, flag: str) -> None:
         """Answer ``ex`` ourselves (a proxy-made error) and log it with a response flag."""
@@ -399,6 +418,7 @@ class ServerConn(asyncio.Protocol):
                                           "authority": ex.authority})
         if ex.resp_started:
             self.finish(ex, reusable=False)
+            self.out = None
             self.transport.abort()
             return
         close = not ex.body_done or not ex.keep_alive or self.closing
@@ -411,6 +431,7 @@ class ServerConn(asyncio.Protocol):
         if ex.done:
             return
         ex.done = True
+        self.flush()
         if ex.metric_key:
             status = ex.status
             self.metrics.response(ex.metric_key, status, status >= 500,
@@ -511,12 +532,18 @@ class UpstreamConn(asyncio.Protocol):
         server.respond_error(ex, 502, "upstream connection lost", "UC")
 
     def data_received(self, data: bytes) -> None:
+        server = self.server
+        if server is not None:
+            server.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail("unexpected protocol upgrade from upstream")
         except httptools.HttpParserError as e:
             self._fail(f"malformed response from upstream: {e}")
+        finally:
+            if server is not None:
+                server.uncork()
 
     def _fail(self, reason: str) -> None:
         ex, server = self.ex, self.server

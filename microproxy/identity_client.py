@@ -11,11 +11,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import serialization
-
-from identity import ca
-
-from . import ctlhttp, tls
+from . import csr, ctlhttp, tls
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -43,11 +39,7 @@ class IdentityClient:
     def __init__(self, cfg: Config, now: Callable[[], float]) -> None:
         self.cfg = cfg
         self.now = now
-        self.key = ca.new_key()
-        self.key_pem = self.key.private_bytes(serialization.Encoding.PEM,
-                                              serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption())
-        self.csr_pem = ca.make_csr(self.key, cfg.identity).public_bytes(serialization.Encoding.PEM)
+        self.key_pem, self.csr_pem = csr.key_and_csr(cfg.identity)
         self.refreshes = 0
 
     async def certify(self) -> Credentials:
@@ -61,11 +53,9 @@ class IdentityClient:
         finally:
             await client.close()
         chain = ans["certificate"].encode()
-        leaf = ca.load_certs(chain)[0]
-        if leaf.public_key() != self.key.public_key():
-            raise ValueError("identity returned a certificate for another key")
-        valid_until = float(ans.get("valid_until_unix") or leaf.not_valid_after_utc.timestamp())
-        issued_at = min(self.now(), leaf.not_valid_before_utc.timestamp() + ca.CLOCK_SKEW.total_seconds())
+        valid_until = csr.not_after(chain)
+        issued_at = self.now()
+        # Loading the chain with our key fails unless the leaf is for our key.
         server_ctx = tls.server_context(chain, self.key_pem, cfg.trust_pem)
         client_ctx = tls.client_context(cfg.trust_pem, chain, self.key_pem)
         self.refreshes += 1

@@ -327,6 +327,7 @@ class Proxy:
         self.servers: list[Any] = []
         self.stopping = asyncio.Event()
         self._inbound_sock: socket.socket | None = None
+        self.admin_server: Any = None
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         t = self.loop.create_task(coro)
@@ -359,6 +360,11 @@ class Proxy:
     # --- listeners
     async def start(self) -> None:
         cfg = self.cfg
+        # Admin first, so /live answers and /ready says why it is not ready; no TLS
+        # listener exists before the first certificate.
+        admin = await ctlhttp.serve(self.admin, cfg.admin_addr[0], cfg.admin_addr[1])
+        self.admin_server = admin
+        self.ports["admin"] = admin.sockets[0].getsockname()[1]
         self.set_creds(await self.identity.certify_with_retry())
         out = await self.loop.create_server(
             lambda: ServerConn(self.outbound, self.metrics, self.conns, self.loop, "outbound"),
@@ -368,13 +374,12 @@ class Proxy:
         self._inbound_sock = self._listen(cfg.inbound_addr)
         self.ports["inbound"] = self._inbound_sock.getsockname()[1]
         self.spawn(self._accept_inbound(self._inbound_sock))
-        admin = await ctlhttp.serve(self.admin, cfg.admin_addr[0], cfg.admin_addr[1])
         self.servers.append(admin)
-        self.ports["admin"] = admin.sockets[0].getsockname()[1]
         if cfg.ports_file:
-            from identity.store import write_json
-            from pathlib import Path
-            write_json(Path(cfg.ports_file), {"pid": os.getpid(), **self.ports})
+            tmp = cfg.ports_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"pid": os.getpid(), **self.ports}, f)
+            os.replace(tmp, cfg.ports_file)
         self.spawn(self.discovery.run_lease(self.ports["inbound"]))
         self.spawn(self._renew())
         self.spawn(self._sweep())

@@ -34,7 +34,10 @@ def load_pem_into(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None
 
 
 def _base(purpose: ssl.Purpose, trust_pem: bytes) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(purpose)
+    # Not ssl.create_default_context(): it loads the whole system CA store (several MB per
+    # context) although only the mesh's trust anchors may be trusted.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH
+                         else ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(cadata=trust_pem.decode("ascii"))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
