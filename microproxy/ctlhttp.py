@@ -99,6 +99,11 @@ async def serve(handler: Handler, host: str, port: int, ssl: ssl_mod.SSLContext 
         tasks.add(task)
         try:
             await _serve_conn(handler, reader, writer, max_body, idle_timeout)
+        except asyncio.CancelledError:
+            # Shutdown cancelled this connection; ending is the point and nobody awaits this
+            # task. Re-raising makes Python 3.11's streams done-callback (task.exception()
+            # on a cancelled task) log a spurious "Exception in callback" traceback.
+            return
         finally:
             tasks.discard(task)
             writer.close()

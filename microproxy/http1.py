@@ -44,10 +44,11 @@ HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
 ERROR_HEADER = b"x-mesh-proxy-error"
 
-_DIGITS = re.compile(rb"^[0-9]{1,19}$")
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_DIGITS = re.compile(rb"^[0-9]{1,19}\Z")   # \Z: "$" would also match before a final "\n"
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]+)(:[0-9]{1,5})?$")
+_CTL = re.compile(rb"[\x00-\x1f\x7f]")
+_HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]+)(:[0-9]{1,5})?\Z")
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"http2-settings", b"proxy-authorization",
                         b"proxy-authenticate"))
@@ -120,7 +121,7 @@ def error_response(status: int, reason: str, close: bool, grpc: bool = False) ->
     body = f"{reason}\n".encode()
     head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")),
             b"content-type: text/plain\r\ncontent-length: %d\r\n" % len(body),
-            ERROR_HEADER + b": " + reason.encode("ascii", "replace") + b"\r\n"]
+            ERROR_HEADER + b": " + _CTL.sub(b" ", reason.encode("ascii", "replace")) + b"\r\n"]
     if close:
         head.append(b"connection: close\r\n")
     head.append(b"\r\n")

@@ -15,7 +15,7 @@ identity_cert_refresh_count, control_request_total.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 # Linkerd's latency buckets, in milliseconds (linkerd/metrics/src/latency.rs).
 BUCKETS = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000, 3000,
@@ -34,12 +34,13 @@ def labels(**kv: str | None) -> str:
 
 
 class _Response:
-    __slots__ = ("buckets", "count", "sum")
+    __slots__ = ("buckets", "count", "sum", "lines")
 
     def __init__(self) -> None:
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.count = 0
         self.sum = 0.0
+        self.lines: tuple[list[str], str, str] | None = None  # rendered label prefixes, cached
 
 
 class Metrics:
@@ -90,6 +91,11 @@ class Metrics:
 
     # --- exposition
     def render(self) -> bytes:
+        return b"".join(self.render_chunks())
+
+    def render_chunks(self, series_per_chunk: int = 16) -> Iterator[bytes]:
+        """The exposition in chunks of a bounded number of series, so a caller on the event
+        loop can yield between chunks (a scrape never stalls the loop for long)."""
         out: list[str] = []
         base = self.base
 
@@ -97,48 +103,64 @@ class Metrics:
             parts = [p for p in (base, key, extra) if p]
             return "{" + ",".join(parts) + "}" if parts else ""
 
-        def family(name: str, kind: str, help_: str, rows: Iterable[tuple[str, float]]) -> None:
+        def family(name: str, kind: str, help_: str, rows: Iterable[tuple[str, float]]) -> Iterator[bytes]:
             out.append(f"# HELP {name} {help_}")
             out.append(f"# TYPE {name} {kind}")
-            for key, value in rows:
+            for i, (key, value) in enumerate(rows):
                 out.append(f"{name}{lbl(key)} {_num(value)}")
+                if i % series_per_chunk == series_per_chunk - 1:
+                    yield _flush(out)
 
-        family("request_total", "counter", "Total count of HTTP requests.", self.requests.items())
+        yield from family("request_total", "counter", "Total count of HTTP requests.",
+                          list(self.requests.items()))
         out.append("# HELP response_latency_ms Elapsed times between a request's headers being "
                    "received and its response's headers being sent.")
         out.append("# TYPE response_latency_ms histogram")
         resp_rows: list[tuple[str, float]] = []
-        for (key, status, cls), r in self.responses.items():
+        for i, ((key, status, cls), r) in enumerate(list(self.responses.items())):
             rk = f'{key},status_code="{status}",classification="{cls}"' if key else \
                 f'status_code="{status}",classification="{cls}"'
+            if r.lines is None:
+                r.lines = ([f"response_latency_ms_bucket{lbl(rk, le)} " for le in _BUCKET_LABELS],
+                           f"response_latency_ms_sum{lbl(rk)} ", f"response_latency_ms_count{lbl(rk)} ")
+            prefixes, sum_prefix, count_prefix = r.lines
             cum = 0
-            for le, n in zip(_BUCKET_LABELS, r.buckets):
+            for prefix, n in zip(prefixes, r.buckets):
                 cum += n
-                out.append(f"response_latency_ms_bucket{lbl(rk, le)} {cum}")
-            out.append(f"response_latency_ms_sum{lbl(rk)} {_num(r.sum)}")
-            out.append(f"response_latency_ms_count{lbl(rk)} {r.count}")
+                out.append(prefix + str(cum))
+            out.append(sum_prefix + _num(r.sum))
+            out.append(count_prefix + str(r.count))
             resp_rows.append((rk, r.count))
-        family("response_total", "counter", "Total count of HTTP responses.", resp_rows)
-        family("tcp_open_total", "counter", "Total count of opened connections.", self.tcp_open.items())
-        family("tcp_close_total", "counter", "Total count of closed connections.", self.tcp_close.items())
-        family("tcp_open_connections", "gauge", "Number of currently-open connections.",
-               self.tcp_current.items())
-        family("tcp_read_bytes_total", "counter", "Total count of bytes read from peers.",
-               self.tcp_read.items())
-        family("tcp_write_bytes_total", "counter", "Total count of bytes written to peers.",
-               self.tcp_write.items())
+            if i % series_per_chunk == series_per_chunk - 1:
+                yield _flush(out)
+        yield from family("response_total", "counter", "Total count of HTTP responses.", resp_rows)
+        yield from family("tcp_open_total", "counter", "Total count of opened connections.",
+                          list(self.tcp_open.items()))
+        yield from family("tcp_close_total", "counter", "Total count of closed connections.",
+                          list(self.tcp_close.items()))
+        yield from family("tcp_open_connections", "gauge", "Number of currently-open connections.",
+                          list(self.tcp_current.items()))
+        yield from family("tcp_read_bytes_total", "counter", "Total count of bytes read from peers.",
+                          list(self.tcp_read.items()))
+        yield from family("tcp_write_bytes_total", "counter", "Total count of bytes written to peers.",
+                          list(self.tcp_write.items()))
         names: dict[str, list[tuple[str, float]]] = {}
         for (name, key), v in self.gauges.items():
             names.setdefault(name, []).append((key, v))
         for name, rows in sorted(names.items()):
-            family(name, "gauge", name.replace("_", " ") + ".", rows)
+            yield from family(name, "gauge", name.replace("_", " ") + ".", rows)
         names = {}
         for (name, key), v in self.counters.items():
             names.setdefault(name, []).append((key, v))
         for name, rows in sorted(names.items()):
-            family(name, "counter", name.replace("_", " ") + ".", rows)
-        out.append("")
-        return "\n".join(out).encode()
+            yield from family(name, "counter", name.replace("_", " ") + ".", rows)
+        yield _flush(out)
+
+
+def _flush(out: list[str]) -> bytes:
+    data = ("\n".join(out) + "\n").encode() if out else b""
+    out.clear()
+    return data
 
 
 def _num(v: float) -> str:

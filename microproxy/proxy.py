@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 from . import clock, ctlhttp
@@ -41,7 +42,7 @@ def normalize_authority(host: bytes) -> str | None:
     if h.startswith("["):
         end = h.find("]")
         name, rest = h[: end + 1], h[end + 1:]
-        port = rest[1:] if rest.startswith(":") else "80"
+        port = rest[1:] if rest.startswith(":") else ("" if rest else "80")
     else:
         name, sep, port = h.partition(":")
         if not sep:
@@ -465,10 +466,10 @@ class Proxy:
             self.discovery.evict()
 
     # --- admin
-    async def admin(self, req: ctlhttp.Request) -> ctlhttp.Response:
+    async def admin(self, req: ctlhttp.Request) -> ctlhttp.Response | ctlhttp.Stream:
         path = req.path
         if path == "/metrics":
-            return ctlhttp.Response(200, self.metrics.render(), [("content-type", CONTENT_TYPE)])
+            return ctlhttp.Stream(self._metrics_chunks(), headers=[("content-type", CONTENT_TYPE)])
         if path == "/live":
             return ctlhttp.Response(200, b"live\n")
         if path == "/ready":
@@ -477,6 +478,13 @@ class Proxy:
         if path == "/config":
             return ctlhttp.Response.json(self.describe())
         return ctlhttp.Response.error(404, "not found")
+
+    async def _metrics_chunks(self) -> AsyncIterator[bytes]:
+        """Render in bounded chunks, yielding to the loop between them."""
+        for chunk in self.metrics.render_chunks():
+            if chunk:
+                yield chunk
+            await asyncio.sleep(0)
 
     def describe(self) -> dict[str, Any]:
         cfg = self.cfg
