@@ -36,7 +36,7 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
         raise TokenError("token is not base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
