@@ -457,6 +457,15 @@ class ServerConn(asyncio.Protocol):
         self.closing = True
         ex = self.active
         if ex is not None and not ex.done:
+            if ex is self.reading and not ex.resp_started:
+                # its own body is malformed (e.g. a bad chunk size) and nothing was answered yet:
+                # drop the half-sent upstream request and answer the client ourselves
+                if ex.upstream is not None:
+                    ex.upstream.abort()
+                ex.status = status
+                self.write(error_response(status, reason, close=True))
+                self.finish(ex, reusable=False, close=True)
+                return
             # the broken request is pipelined behind one in flight: drop the connection
             self.transport.abort()
             return
@@ -524,10 +533,12 @@ class UpstreamConn(asyncio.Protocol):
                 server.write(b"0\r\n\r\n")
             server.finish(ex, reusable=False)
             return
-        if not ex.resp_started and self.reused and ex.attempts == 0 and not ex.body_sent:
-            # A pooled connection the peer had already closed: try once more on a new one.
+        if not ex.resp_started and self.reused and ex.attempts == 0 and not ex.chunked and not ex.length:
+            # A pooled connection the peer had already closed: a bodiless request is safe
+            # to send once more on a new connection.
             ex.attempts += 1
             ex.upstream = None
+            ex.body_sent = False
             self.pool.router_retry(server, ex)
             return
         server.respond_error(ex, 502, "upstream connection lost", "UC")
@@ -647,7 +658,9 @@ class UpstreamConn(asyncio.Protocol):
             ex.resp_started = True
             if not bodyless and not has_len:
                 if chunked:
-                    self.resp_chunked = True
+                    # an HTTP/1.0 client cannot read chunked: de-chunk and end the body by closing
+                    self.resp_chunked = ex.version == "1.1"
+                    ex.keep_alive = ex.keep_alive and self.resp_chunked
                 else:
                     self.resp_until_close = True
                     self.resp_chunked = ex.version == "1.1"
