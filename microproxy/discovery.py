@@ -72,6 +72,8 @@ class Resolution:
                 eps.append(Endpoint(addr, str(e["identity"]), lab, key, int(e.get("weight", 10000))))
             except (KeyError, ValueError, TypeError):
                 log.warning("ignoring malformed endpoint", extra={"endpoint": e})
+        if eps and not self.endpoints:
+            self.rr = random.randrange(len(eps))  # new proxies must not all start on one replica
         self.endpoints = eps
         self.changed.set()
         self.changed = asyncio.Event()
