@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httptools
 
 from .metrics import labels
+from .observe import TapHub
 from .tls import peer_identity
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class Exchange:
     __slots__ = ("method", "target", "version", "headers", "host", "keep_alive", "chunked",
                  "length", "body", "body_buffered", "body_done", "upstream", "start",
                  "status", "resp_started", "done", "metric_key", "authority", "flag", "attempts",
-                 "body_sent", "wire_head", "endpoint")
+                 "body_sent", "wire_head", "endpoint", "resp_at", "tap", "resp_bytes")
 
     def __init__(self, method: bytes, target: bytes, version: str,
                  headers: list[tuple[bytes, bytes]], host: bytes | None, keep_alive: bool,
@@ -167,6 +168,9 @@ class Exchange:
         self.attempts = 0
         self.wire_head = b""
         self.endpoint: Any = None
+        self.resp_at = 0.0            # when the response head arrived (latency = time to first byte)
+        self.tap: Any = None          # a TapHub handle when someone taps this request
+        self.resp_bytes = 0           # counted only while tapped
 
     def head(self, target: bytes, host: bytes | None, extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
              drop: frozenset[bytes] = frozenset()) -> bytes:
@@ -435,8 +439,14 @@ class ServerConn(asyncio.Protocol):
         self.flush()
         if ex.metric_key:
             status = ex.status
-            self.metrics.response(ex.metric_key, status, status >= 500,
-                                  (perf_counter() - ex.start) * 1000.0)
+            t = ex.resp_at or perf_counter()
+            latency = (t - ex.start) * 1000.0
+            failure = status >= 500
+            self.metrics.response(ex.metric_key, status, failure, latency)
+            self.metrics.window.add(ex.metric_key, failure, latency, t)
+            if ex.tap is not None:
+                TapHub.finish(ex.tap, status, int(latency * 1000),
+                              int((perf_counter() - ex.start) * 1e6), ex.resp_bytes, ex.flag or None)
         self.active = None
         if ex.flag or log.isEnabledFor(logging.DEBUG):
             log.info("access", extra={"direction": self.direction, "authority": ex.authority,
@@ -656,6 +666,7 @@ class UpstreamConn(asyncio.Protocol):
         if not informational:
             ex.status = status
             ex.resp_started = True
+            ex.resp_at = perf_counter()
             if not bodyless and not has_len:
                 if chunked:
                     # an HTTP/1.0 client cannot read chunked: de-chunk and end the body by closing
@@ -680,6 +691,9 @@ class UpstreamConn(asyncio.Protocol):
         server = self.server
         if server is None:
             return
+        ex = self.ex
+        if ex is not None and ex.tap is not None:
+            ex.resp_bytes += len(data)
         if self.resp_chunked:
             server.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:

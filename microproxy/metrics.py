@@ -55,6 +55,8 @@ class Metrics:
         self.tcp_read: dict[str, int] = {}
         self.tcp_write: dict[str, int] = {}
         self.tcp_current: dict[str, int] = {}
+        from .observe import Window  # (observe imports BUCKETS from here)
+        self.window = Window()  # per-second rolling stats for `mesh stat`
         self.gauges: dict[tuple[str, str], float] = {}
         self.counters: dict[tuple[str, str], float] = {}
 

@@ -20,6 +20,7 @@ from .http1 import (OK_CONNECT, Exchange, Pool, ServerConn, TunnelPeer, Upstream
                     error_response)
 from .identity_client import Credentials, IdentityClient, refresh_in
 from .metrics import CONTENT_TYPE, Metrics, labels
+from .observe import Subscriber, TapHub
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,22 @@ def split_target(target: bytes) -> tuple[bytes | None, bytes]:
     if not path.startswith(b"/"):
         path = b"/" + path
     return rest[:cut], path
+
+
+def parse_window(text: str) -> int | None:
+    if not text.isdigit():
+        return None
+    n = int(text)
+    return n if 1 <= n <= 600 else None
+
+
+def identity_parts(identity: str | None) -> tuple[str | None, str | None]:
+    """``sa.ns.serviceaccount.identity.td`` -> (sa, ns)."""
+    if not identity or ".serviceaccount.identity." not in identity:
+        return None, None
+    head = identity.split(".serviceaccount.identity.", 1)[0]
+    sa, _, ns = head.partition(".")
+    return sa or None, ns or None
 
 
 class Outbound:
@@ -164,7 +181,17 @@ class Outbound:
         assert ep is not None
         ex.endpoint = ep
         ex.metric_key = ep.metric_key
-        self.proxy.metrics.request(ep.metric_key)
+        proxy = self.proxy
+        proxy.metrics.request(ep.metric_key)
+        if ep.metric_key not in proxy.metrics.window.info:
+            proxy.metrics.window.describe(
+                ep.metric_key, direction="outbound", authority=ex.authority, server_id=ep.identity,
+                dst_workload=ep.labels.get("workload"), dst_namespace=ep.labels.get("namespace"),
+                dst_pod=ep.labels.get("pod"), tls=True)
+        if proxy.tap.subs:
+            ex.tap = proxy.tap_request(conn, ex, split_target(ex.target)[1] or ex.target, {
+                "workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
+                "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"}, True)
         pool = self.pool(ep)
         up = pool.take()
         if up is not None:
@@ -257,13 +284,21 @@ class Inbound:
                 key = labels(direction="inbound", authority=auth, tls="no_identity",
                              no_tls_reason="no_tls_from_remote")
             conn.cache[host] = key
+            self.proxy.metrics.window.describe(key, direction="inbound", authority=auth,
+                                               client_id=conn.peer_id, tls=conn.tls)
         return key  # type: ignore[no-any-return]
 
     def dispatch(self, conn: ServerConn, ex: Exchange) -> None:
         key = self.metric_key(conn, ex.host)
         ex.metric_key = key
         ex.authority = (ex.host or b"").decode("latin-1")
-        self.proxy.metrics.request(key)
+        proxy = self.proxy
+        proxy.metrics.request(key)
+        if proxy.tap.subs:
+            cfg = proxy.cfg
+            ex.tap = proxy.tap_request(conn, ex, ex.target, {
+                "workload": cfg.workload, "namespace": cfg.namespace, "identity": cfg.identity,
+                "addr": f"127.0.0.1:{cfg.app_port}"}, conn.tls)
         pool = self.app_pool
         if pool is None:
             conn.respond_error(ex, 503, "this workload serves no port", "NR")
@@ -327,6 +362,8 @@ class Proxy:
         self.ports: dict[str, int] = {}
         self.servers: list[Any] = []
         self.stopping = asyncio.Event()
+        self.tap = TapHub(cfg.instance)
+        self.started = clock.monotonic()
         self._inbound_sock: socket.socket | None = None
         self.admin_server: Any = None
 
@@ -347,6 +384,57 @@ class Proxy:
         self.metrics.set_gauge("identity_cert_expiration_timestamp_seconds", "", creds.valid_until)
         self.metrics.inc("identity_cert_refresh_total")
         self.discovery.reset_client()
+
+    # --- observability
+    def tap_request(self, conn: ServerConn, ex: Exchange, path: bytes, dst: dict[str, Any],
+                    tls: bool) -> Any:
+        cfg = self.cfg
+        peer = conn.transport.get_extra_info("peername")
+        peer_addr = f"{peer[0]}:{peer[1]}" if peer else None
+        if conn.direction == "outbound":
+            src = {"workload": cfg.workload, "namespace": cfg.namespace, "identity": cfg.identity,
+                   "addr": peer_addr}
+        else:
+            sa, ns = identity_parts(conn.peer_id)
+            src = {"workload": sa, "namespace": ns, "identity": conn.peer_id, "addr": peer_addr}
+        now = clock.monotonic()
+        return self.tap.request(ex.method, path, ex.authority, now, {
+            "direction": conn.direction, "ts": clock.now(), "src": src, "dst": dst, "tls": tls,
+            "method": ex.method.decode("latin-1"), "authority": ex.authority,
+            "path": path.decode("latin-1")})
+
+    def tcp_totals(self) -> tuple[int, int, int, int]:
+        """Cumulative (inbound read, inbound write, outbound read, outbound write) bytes."""
+        t = [0, 0, 0, 0]
+        m = self.metrics
+        for key, n in m.tcp_read.items():
+            t[0 if 'direction="inbound"' in key else 2] += n
+        for key, n in m.tcp_write.items():
+            t[1 if 'direction="inbound"' in key else 3] += n
+        for c in self.conns:
+            i = 0 if c.direction == "inbound" else 2
+            t[i] += c.read_bytes
+            t[i + 1] += c.written
+        return t[0], t[1], t[2], t[3]
+
+    def stats(self, window: int) -> dict[str, Any]:
+        cfg = self.cfg
+        now = clock.monotonic()
+        w = self.metrics.window
+        rows = w.summary(window, now)
+        tb = w.tcp_bytes(window, now, self.tcp_totals())
+        open_in = sum(1 for c in self.conns if c.direction == "inbound")
+        from . import __version__
+        from .metrics import BUCKETS
+        return {
+            "workload": cfg.workload, "namespace": cfg.namespace, "pod": cfg.instance,
+            "identity": cfg.identity, "version": __version__, "window": window,
+            "elapsed": min(float(window), now - self.started), "buckets_ms": list(BUCKETS),
+            "inbound": rows.get("inbound", []), "outbound": rows.get("outbound", []),
+            "tcp": {"inbound": {"open": open_in, "read_bytes": tb[0], "write_bytes": tb[1]},
+                    "outbound": {"open": len(self.conns) - open_in, "read_bytes": tb[2],
+                                 "write_bytes": tb[3]}},
+        }
 
     # --- readiness
     def ready(self) -> tuple[bool, str]:
@@ -384,6 +472,7 @@ class Proxy:
         self.spawn(self.discovery.run_lease(self.ports["inbound"]))
         self.spawn(self._renew())
         self.spawn(self._sweep())
+        self.spawn(self._tick())
         log.info("proxy started", extra=self.ports)
 
     def _listen(self, addr: tuple[str, int]) -> socket.socket:
@@ -449,6 +538,11 @@ class Proxy:
             except TimeoutError:
                 log.error("certificate expired before it could be renewed")
 
+    async def _tick(self) -> None:
+        while True:
+            self.metrics.window.tick_tcp(clock.monotonic(), self.tcp_totals())
+            await asyncio.sleep(1.0)
+
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
@@ -477,6 +571,20 @@ class Proxy:
             return ctlhttp.Response(200 if ok else 503, (why + "\n").encode())
         if path == "/config":
             return ctlhttp.Response.json(self.describe())
+        if path == "/stats":
+            window = parse_window(req.query.get("window", "60"))
+            if window is None:
+                return ctlhttp.Response.error(400, "window must be 1..600 seconds")
+            return ctlhttp.Response.json(self.stats(window))
+        if path == "/tap":
+            try:
+                rate = float(req.query.get("max_rps", "100"))
+            except ValueError:
+                return ctlhttp.Response.error(400, "max_rps must be a number")
+            q = req.query
+            sub = Subscriber(rate, q.get("method") or None, q.get("path") or None,
+                             q.get("authority") or None, clock.monotonic())
+            return ctlhttp.Stream(self.tap.stream(sub))
         return ctlhttp.Response.error(404, "not found")
 
     async def _metrics_chunks(self) -> AsyncIterator[bytes]:
@@ -489,7 +597,9 @@ class Proxy:
     def describe(self) -> dict[str, Any]:
         cfg = self.cfg
         creds = self.creds
+        from . import __version__
         return {
+            "version": __version__,
             "identity": cfg.identity, "workload": cfg.workload, "namespace": cfg.namespace,
             "instance": cfg.instance, "ports": self.ports, "app_port": cfg.app_port,
             "ready": self.ready()[1], "certificate_valid_until": creds.valid_until if creds else None,
