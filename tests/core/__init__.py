@@ -1,0 +1,1 @@
+"""Table tests for the sans-IO decision cores in microproxy/core (no event loop, fake clock)."""
