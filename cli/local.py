@@ -54,6 +54,7 @@ import h11
 from identity import ca, tokens
 from identity.store import MeshHome, read_json, write_json
 from microproxy import tls
+from microproxy.policy import MODES
 from microproxy.ctlhttp import Client
 
 T = TypeVar("T")
@@ -67,6 +68,7 @@ RUN_TIMEOUT = 30.0          # seconds for a detached workload to become ready
 DOWN_TIMEOUT = 15.0         # seconds for workloads to stop before SIGKILL
 CONTROL_STOP_TIMEOUT = 5.0  # seconds for identity/destination to stop before SIGKILL
 POLL = 0.05                 # seconds between checks while waiting
+INBOUND_POLICIES = MODES    # `mesh run --default-inbound-policy` choices
 
 
 class MeshError(Exception):
@@ -609,6 +611,7 @@ class WorkloadSpec:
     port: int | None = None                 # the app's port; None = client-only
     service_port: int | None = None         # default: the first replica's, else port
     cwd: str = field(default_factory=os.getcwd)
+    default_inbound_policy: str | None = None   # MESH_DEFAULT_INBOUND_POLICY; None: the proxy's
 
     def validate(self) -> None:
         for what, value in (("name", self.name), ("namespace", self.namespace),
@@ -622,6 +625,9 @@ class WorkloadSpec:
             raise MeshError("--service-port needs --port (a client-only workload has no service)")
         if not self.cmd:
             raise MeshError("no command: give the app's command after `--`")
+        if self.default_inbound_policy not in (None, *INBOUND_POLICIES):
+            raise MeshError(f"invalid default inbound policy {self.default_inbound_policy!r}: "
+                            f"want one of {', '.join(INBOUND_POLICIES)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -636,6 +642,7 @@ class Launch:
     app_port: int | None
     service_port: int | None
     note: str = ""          # e.g. why the app port differs from --port
+    default_inbound_policy: str | None = None
 
     @property
     def identity(self) -> str:
@@ -650,6 +657,8 @@ class Launch:
             out += ["--port", str(self.app_port)]
         if self.service_port is not None:
             out += ["--service-port", str(self.service_port)]
+        if self.default_inbound_policy is not None:
+            out += ["--default-inbound-policy", self.default_inbound_policy]
         return out + ["--", *self.cmd]
 
 
@@ -714,7 +723,8 @@ def plan(home: MeshHome, spec: WorkloadSpec) -> Launch:
     return Launch(name=spec.name, namespace=spec.namespace,
                   service_account=spec.service_account or spec.name,
                   instance=new_instance(home, spec.name), cmd=tuple(spec.cmd), cwd=spec.cwd,
-                  app_port=app_port, service_port=service_port, note=note)
+                  app_port=app_port, service_port=service_port, note=note,
+                  default_inbound_policy=spec.default_inbound_policy)
 
 
 def demo_port(home: MeshHome, service_port: int) -> int:

@@ -16,7 +16,8 @@ import click
 from identity import tokens
 from identity.store import MeshHome
 
-from . import local, render
+from . import local, observe, render
+from . import resources as resources_cli  # apply, delete, get, authz
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,6 +53,8 @@ def cli(ctx: click.Context, home_path: Path | None) -> None:
     mesh ps [-o json]                                  the workloads
     mesh down                                          stop everything
     mesh demo                                          a demo app with traffic
+    mesh stat deploy                                   golden signals per workload
+    mesh top | mesh tap deploy/web | mesh edges        live traffic; who talks to whom
     """
     ctx.obj = MeshHome(home_path.expanduser()) if home_path is not None else MeshHome()
 
@@ -123,13 +126,16 @@ def _name(_ctx: click.Context, param: click.Parameter, value: str | None) -> str
 @click.option("--service-port", type=click.IntRange(1, 65535), default=None,
               help="The service port peers call (default: the first replica's --port).")
 @click.option("--detach", "-d", is_flag=True, help="Run in the background; return once ready.")
+@click.option("--default-inbound-policy", type=click.Choice(local.INBOUND_POLICIES), default=None,
+              help="What the proxy allows when no ALLOW policy targets the workload "
+                   "[default: all-unauthenticated].")
 @click.option("--timeout", type=click.FloatRange(min=1), default=local.RUN_TIMEOUT, show_default=True,
               help="Seconds for the proxy (and, with --port, the app) to be ready.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 @click.pass_context
 def run(ctx: click.Context, home_path: Path | None, name: str, namespace: str,
         service_account: str | None, port: int | None, service_port: int | None, detach: bool,
-        timeout: float, cmd: tuple[str, ...]) -> None:
+        timeout: float, cmd: tuple[str, ...], default_inbound_policy: str | None = None) -> None:
     """Run CMD as a meshed workload: the app plus its sidecar proxy.
 
     The app gets http_proxy/HTTP_PROXY pointing at its proxy, so plain HTTP clients
@@ -138,7 +144,8 @@ def run(ctx: click.Context, home_path: Path | None, name: str, namespace: str,
     """
     home = _home(ctx, home_path)
     spec = local.WorkloadSpec(name=name, cmd=tuple(cmd), namespace=namespace,
-                              service_account=service_account, port=port, service_port=service_port)
+                              service_account=service_account, port=port, service_port=service_port,
+                              default_inbound_policy=default_inbound_policy)
     try:
         spec.validate()
     except local.MeshError as e:
@@ -207,6 +214,9 @@ The demo is running: traffic -> web -> books and authors, books -> authors (2 re
 
 Try next:
   mesh{home} ps                        # each replica: pids, ports, identity, readiness
+  mesh{home} stat deploy               # success rate, RPS, latency per workload (authors < 100 %)
+  mesh{home} top                       # live: the busiest paths and their success rates (q quits)
+  mesh{home} edges                     # who calls whom, over mTLS
   mesh{home} run --name me -- curl -s http://web.default:7000/
                                     # a one-shot meshed request (mTLS, metrics, balancing)
   curl -s http://127.0.0.1:{admin}/metrics | grep response_total
@@ -243,6 +253,85 @@ def demo(ctx: click.Context, home_path: Path | None) -> None:
     web = next((w for w in local.list_workloads(home, probe=False) if w["name"] == "web"), None)
     click.echo("")
     click.echo(NEXT_STEPS.format(home=home_flag, admin=web["admin_port"] if web else "ADMIN"), nl=False)
+
+
+# === check ===
+
+@cli.command(short_help="Check the mesh's health, as `linkerd check` does.")
+@_home_option
+@click.option("--pre", is_flag=True, help="Only check that this machine can run a mesh (before `mesh up`).")
+@click.option("--proxy", is_flag=True, help="Also check every workload's proxy (the data plane).")
+@click.option("-o", "--output", type=click.Choice(["basic", "json"]), default="basic", show_default=True,
+              help="Output format.")
+@click.pass_context
+def check(ctx: click.Context, home_path: Path | None, pre: bool, proxy: bool, output: str) -> None:
+    """Check the mesh home, its CA, the control plane and (with --proxy) the proxies.
+
+    Prints √ for a passed check, ‼ for a warning and × for a failure, with a hint under
+    each problem. Exits 1 if any check failed (warnings alone exit 0).
+    """
+    from . import check as health
+    from . import checks
+    if pre and proxy:
+        raise click.UsageError("--pre and --proxy cannot be combined")
+    context = checks.CheckContext(_home(ctx, home_path))
+    todo = checks.selected(pre=pre, proxy=proxy)
+    if output == "json":
+        collect = health.Collector()
+        success = health.run(todo, context, collect, checks.DEPENDS)
+        click.echo(json.dumps(health.to_json(collect.results, success), indent=2))
+    else:
+        text = health.TextRenderer()
+        success = health.run(todo, context, lambda r: click.echo(text.feed(r), nl=False), checks.DEPENDS)
+        click.echo(text.finish(success), nl=False)
+    ctx.exit(0 if success else 1)
+
+
+# === prometheus-config ===
+
+def _duration(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from . import promconfig
+    if not promconfig.valid_duration(value):
+        raise click.BadParameter(f"{value!r} is not a Prometheus duration such as 1s, 500ms or 1m", param=param)
+    return value
+
+
+@cli.command("prometheus-config", short_help="Print a Prometheus scrape config for the local proxies.")
+@_home_option
+@click.option("--interval", default="1s", show_default=True, callback=_duration,
+              help="The scrape interval.")
+@click.option("--file-sd", "file_sd", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the targets to this file_sd JSON file (re-run to refresh it) and print a "
+                   "config that reads it.")
+@click.pass_context
+def prometheus_config(ctx: click.Context, home_path: Path | None, interval: str, file_sd: Path | None) -> None:
+    """Print a prometheus.yml whose job `micromesh-proxy` scrapes every proxy's admin
+    /metrics, labelled namespace, workload and pod."""
+    from . import promconfig
+    home = _home(ctx, home_path)
+    groups = promconfig.targets(local.list_workloads(home, probe=False))
+    if file_sd is not None:
+        file_sd = file_sd.expanduser().absolute()
+        try:
+            promconfig.write_file_sd(file_sd, groups)
+        except OSError as e:
+            raise click.ClickException(f"cannot write {file_sd}: {e.strerror}") from None
+    click.echo(promconfig.render(promconfig.config(groups, interval, file_sd)), nl=False)
+    if not groups:
+        click.echo(f"(no workloads are running in {home.root}: the config has no targets yet)", err=True)
+
+
+# === stat, top, tap, edges, diagnostics: cli/observe.py ===
+
+observe.register(cli)
+resources_cli.register(cli)   # mesh apply / delete / get / authz: cli/resources.py
+
+
+# === identity: certificates and their rotation (cli/identity_cmd.py) ===
+
+from .identity_cmd import register as _register_identity  # noqa: E402
+
+_register_identity(cli)
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ APP_GRACE = 10.0            # seconds between SIGTERM and SIGKILL for the app
 PROXY_GRACE = 5.0           # local default for MESH_SHUTDOWN_GRACE_PERIOD
 TOKEN_TTL = 30 * 24 * 3600  # the proxy renews its certificate with this token
 PROXY_TUNABLES = ("MESH_LOG_LEVEL", "MESH_ACCESS_LOG", "MESH_SHUTDOWN_GRACE_PERIOD",
-                  "MESH_FAILFAST_TIMEOUT", "MESH_CONNECT_TIMEOUT")
+                  "MESH_FAILFAST_TIMEOUT", "MESH_CONNECT_TIMEOUT", "MESH_DEFAULT_INBOUND_POLICY")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -110,6 +110,7 @@ class Supervisor:
             "supervisor_pid": os.getpid(), "supervisor_start": local.start_time(os.getpid()),
             "detached": detached, "app_port": launch.app_port,
             "service_port": launch.service_port, "inbound_port": None, "outbound_port": None,
+            "default_inbound_policy": launch.default_inbound_policy,
             "admin_port": None, "ready": False, "started": round(local.wall(), 3),
             "cmd": list(launch.cmd), "cwd": launch.cwd,
             "logs": {"proxy": str(local.proxy_log(home, launch.instance)),
@@ -154,7 +155,7 @@ class Supervisor:
         env.update({
             "MESH_IDENTITY_ADDR": comps["identity"].addr,
             "MESH_DESTINATION_ADDR": comps["destination"].addr,
-            "MESH_TRUST_ANCHORS_FILE": str(self.home.anchor_crt),
+            "MESH_TRUST_ANCHORS_FILE": str(self.home.trust_file()),  # the bundle (rotation)
             "MESH_TOKEN": token,
             "MESH_WORKLOAD": launch.name,
             "MESH_NAMESPACE": launch.namespace,
@@ -168,6 +169,8 @@ class Supervisor:
         if launch.app_port is not None:
             env["MESH_APP_PORT"] = str(launch.app_port)
             env["MESH_SERVICE_PORT"] = str(launch.service_port or launch.app_port)
+        if launch.default_inbound_policy is not None:
+            env["MESH_DEFAULT_INBOUND_POLICY"] = launch.default_inbound_policy
         return env
 
     def _app_env(self, outbound: int) -> dict[str, str]:
@@ -361,13 +364,14 @@ def parse_args(argv: list[str]) -> tuple[MeshHome, Launch, bool, float]:
     p.add_argument("--cwd", default=os.getcwd())
     p.add_argument("--port", type=int)
     p.add_argument("--service-port", type=int)
+    p.add_argument("--default-inbound-policy")
     p.add_argument("--detached", action="store_true")
     p.add_argument("--timeout", type=float, default=READY_TIMEOUT)
     p.add_argument("cmd", nargs="+")
     a = p.parse_args(argv)
     launch = Launch(name=a.name, namespace=a.namespace, service_account=a.service_account or a.name,
                     instance=a.instance, cmd=tuple(a.cmd), cwd=a.cwd, app_port=a.port,
-                    service_port=a.service_port)
+                    service_port=a.service_port, default_inbound_policy=a.default_inbound_policy)
     return MeshHome(Path(a.home)), launch, a.detached, a.timeout
 
 

@@ -8,10 +8,10 @@ import time
 import uvloop
 
 from identity import ca
-from identity.server import (SERVING_CERT_LIFETIME, SetupError, control_plane_args, load_issuer,
-                             run_until_signalled, setup_logging, wall_clock)
+from identity.rotation import Reloader
+from identity.server import (SetupError, control_plane_args, load_issuer, run_until_signalled,
+                             setup_logging, wall_clock)
 from identity.store import MeshHome
-from microproxy import tls
 
 from .server import DEFAULT_LEASE_TTL, Destination, Settings, load_registry
 
@@ -28,19 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     home = MeshHome(args.home)
     try:
-        issuer, issuer_key = load_issuer(home)
-        trust = home.trust_pem()
-    except (SetupError, OSError) as e:
+        load_issuer(home)
+        # Follows the CA files (issuer/anchor rotation): serving cert and client trust.
+        reloader = Reloader(home, ca.identity_name("destination", "micromesh", args.trust_domain),
+                            require_client_cert=True, clock=wall_clock)
+    except (SetupError, OSError, ValueError) as e:
         parser.exit(2, f"destination: error: {e}\n")
-    chain, key = ca.self_issue(ca.identity_name("destination", "micromesh", args.trust_domain),
-                               issuer, issuer_key, wall_clock(), SERVING_CERT_LIFETIME)
-    ctx = tls.server_context(chain, key, trust, require_client_cert=True)
     settings = Settings(lease_ttl=args.lease_ttl, state_path=home.destination_state)
     registry = load_registry(settings.state_path, time.monotonic(), args.trust_domain)
     dest = Destination(registry, settings, clock=time.monotonic, sleep=asyncio.sleep)
     try:
-        uvloop.run(run_until_signalled(dest.handle, args.host, args.port, ctx, args.ports_file,
-                                       background=[dest.reap_forever], on_stop=dest.close))
+        uvloop.run(run_until_signalled(dest.handle, args.host, args.port, reloader.context,
+                                       args.ports_file, background=[dest.reap_forever, reloader.watch],
+                                       on_stop=dest.close))
     except OSError as e:  # e.g. the port is taken
         parser.exit(1, f"destination: error: {e}\n")
     return 0

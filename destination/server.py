@@ -1,7 +1,8 @@
 """The destination service: wires the pure ``Registry`` to HTTPS, watches, leases and disk.
 
 - Handlers: ``POST /v1/register``, ``POST /v1/deregister``, ``GET /v1/endpoints``
-  (``watch=1`` streams NDJSON snapshots), ``GET /v1/workloads``, ``GET /ready``.
+  (``watch=1`` streams NDJSON snapshots), ``GET /v1/workloads``, ``GET /ready``; resources
+  (AuthorizationPolicy) and ``GET /v1/policy`` are served by ``resource_api.py``.
 - Watches: every watcher holds one ``asyncio.Event`` under its service key; a change sets
   it, and the watcher then renders the *latest* snapshot — nothing queues up behind a
   slow client. A watcher unsubscribes in ``finally``, so one whose client went away
@@ -25,6 +26,7 @@ from identity import store
 from microproxy.ctlhttp import Request, Response, Stream
 
 from .registry import AuthorityError, Registration, Registry, RegistryError, Target
+from .resource_api import ResourceAPI, load_store, resources_path
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,8 @@ class Destination:
         self.clock = clock
         self.sleep = sleep
         self.hub = WatchHub()
+        res_path = resources_path(settings.state_path)
+        self.resources = ResourceAPI(load_store(res_path), self.hub, res_path, registry.trust_domain)
 
     # --- changes
 
@@ -155,6 +159,8 @@ class Destination:
     # --- HTTP
 
     async def handle(self, req: Request) -> Response | Stream:
+        if req.path in ("/v1/policy", "/v1/resources") or req.path.startswith("/v1/resources/"):
+            return await self.resources.handle(req)  # AuthorizationPolicy & co: resource_api.py
         route = _ROUTES.get(req.path)
         if route is None:
             return Response.error(404, f"no such path {req.path!r}")

@@ -6,10 +6,9 @@ import sys
 
 import uvloop
 
-from microproxy import tls
-
 from . import ca
-from .server import (SERVING_CERT_LIFETIME, Certifier, SetupError, control_plane_args, handler, load_issuer,
+from .rotation import Reloader
+from .server import (Certifier, SetupError, control_plane_args, handler, load_issuer,
                      run_until_signalled, setup_logging, wall_clock)
 from .store import MeshHome
 
@@ -19,24 +18,33 @@ def main(argv: list[str] | None = None) -> int:
                                 "The micromesh identity service: signs proxy CSRs (POST /v1/certify).")
     parser.add_argument("--leaf-lifetime", type=float, default=ca.LEAF_LIFETIME.total_seconds(),
                         help="lifetime of issued leaf certificates in seconds (default 86400)")
+    parser.add_argument("--clock-skew", type=float, default=ca.CLOCK_SKEW.total_seconds(),
+                        help="leaves are valid this many seconds before and after their lifetime "
+                             "(default 20; tests with short lifetimes use ~1)")
     args = parser.parse_args(argv)
     if args.leaf_lifetime <= 0:
         parser.error("--leaf-lifetime must be positive")
+    if args.clock_skew < 0:
+        parser.error("--clock-skew must not be negative")
     setup_logging(args.log_level)
     home = MeshHome(args.home)
     try:
         issuer, issuer_key = load_issuer(home)
-        secret, trust = home.secret(), home.trust_pem()
+        secret = home.secret()
     except (SetupError, OSError) as e:
         parser.exit(2, f"identity: error: {e}\n")
     certifier = Certifier(secret, issuer, issuer_key, args.trust_domain,
-                          dt.timedelta(seconds=args.leaf_lifetime))
-    chain, key = ca.self_issue(ca.identity_name("identity", "micromesh", args.trust_domain),
-                               issuer, issuer_key, wall_clock(), SERVING_CERT_LIFETIME)
-    ctx = tls.server_context(chain, key, trust)
+                          dt.timedelta(seconds=args.leaf_lifetime),
+                          skew=dt.timedelta(seconds=args.clock_skew))
+    # Follows the CA files (issuer/anchor rotation): serving cert, issuer and trust bundle.
     try:
-        uvloop.run(run_until_signalled(handler(certifier, wall_clock), args.host, args.port, ctx,
-                                       args.ports_file))
+        reloader = Reloader(home, ca.identity_name("identity", "micromesh", args.trust_domain),
+                            certifier=certifier, clock=wall_clock)
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"identity: error: {e}\n")
+    try:
+        uvloop.run(run_until_signalled(handler(certifier, wall_clock), args.host, args.port,
+                                       reloader.context, args.ports_file, background=[reloader.watch]))
     except OSError as e:  # e.g. the port is taken
         parser.exit(1, f"identity: error: {e}\n")
     return 0

@@ -78,10 +78,11 @@ def load_certs(pem: bytes) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(pem)
 
 
-def _ca_cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer_name: x509.Name,
+def _ca_cert(subject: str | x509.Name, key: ec.EllipticCurvePrivateKey, issuer_name: x509.Name,
              signing_key: ec.EllipticCurvePrivateKey, now: dt.datetime,
              lifetime: dt.timedelta, path_len: int | None) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    name = subject if isinstance(subject, x509.Name) else \
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -101,12 +102,17 @@ def _ca_cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer_name: x509.Na
 
 
 def new_anchor(now: dt.datetime, trust_domain: str = DEFAULT_TRUST_DOMAIN,
-               lifetime: dt.timedelta = ANCHOR_LIFETIME
+               lifetime: dt.timedelta = ANCHOR_LIFETIME, unit: str | None = None
                ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """``unit`` (an OU) tells a rotated-in anchor's name from the one it replaces, so
+    chain building never confuses the two while a bundle holds both."""
     key = new_key()
     cn = f"root.micromesh.{trust_domain}"
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    return _ca_cert(cn, key, name, key, now, lifetime, path_len=1), key
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if unit:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+    name = x509.Name(attrs)
+    return _ca_cert(name, key, name, key, now, lifetime, path_len=1), key
 
 
 def new_issuer(anchor: x509.Certificate, anchor_key: ec.EllipticCurvePrivateKey,

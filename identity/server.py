@@ -99,14 +99,22 @@ class Certifier:
                  issuer_key: ec.EllipticCurvePrivateKey,
                  trust_domain: str = ca.DEFAULT_TRUST_DOMAIN,
                  lifetime: dt.timedelta = ca.LEAF_LIFETIME,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None,
+                 skew: dt.timedelta = ca.CLOCK_SKEW) -> None:
         self.secret = secret
         self.issuer, self.issuer_key = issuer, issuer_key
         self.trust_domain = trust_domain
         self.lifetime = lifetime
+        self.skew = skew
         self.limiter = limiter if limiter is not None else RateLimiter()
+        # Set by identity.rotation.Reloader: the bundle sent with each leaf, and a check
+        # that re-reads the CA files when they changed (an issuer or anchor rotation).
+        self.trust_bundle: bytes | None = None
+        self.refresh: Callable[[], object] | None = None
 
     def certify(self, token: str, csr_pem: bytes, now: dt.datetime) -> ca.Issued:
+        if self.refresh is not None:
+            self.refresh()
         claims = tokens.verify(self.secret, token, now.timestamp())
         identity = ca.identity_name(claims.service_account, claims.namespace, self.trust_domain)
         if not self.limiter.allow(identity, now.timestamp()):
@@ -117,7 +125,7 @@ class Certifier:
             if isinstance(e, ca.CSRError):
                 raise
             raise ca.CSRError(f"unusable CSR: {e}") from None  # odd keys/algorithms
-        return ca.issue_leaf(csr, identity, self.issuer, self.issuer_key, now, self.lifetime)
+        return ca.issue_leaf(csr, identity, self.issuer, self.issuer_key, now, self.lifetime, self.skew)
 
 
 def rfc3339(when: dt.datetime) -> str:
@@ -180,6 +188,7 @@ def handler(certifier: Certifier, clock: Callable[[], dt.datetime]) -> ctlhttp.H
             "valid_until": rfc3339(issued.valid_until),
             "valid_until_unix": issued.valid_until.timestamp(),
             "identity": identity,
+            **({"trust_bundle": certifier.trust_bundle.decode("ascii")} if certifier.trust_bundle else {}),
         })
 
     return handle

@@ -4,6 +4,8 @@ Layout::
 
     ca/anchor.crt  ca/anchor.key      trust anchor (10 years), key 0600
     ca/issuer.crt  ca/issuer.key      issuer (1 year), signed by the anchor, key 0600
+    ca/bundle.crt                     trust bundle: the anchors proxies trust (one, or two
+                                      during an anchor rotation; see identity/rotation.py)
     ca/token.secret                   HMAC secret for local workload tokens, 0600
     controlplane.json                 identity/destination addresses and pids (written by `mesh up`)
     destination-state.json            destination's persisted registry
@@ -66,6 +68,8 @@ class MeshHome:
     @property
     def issuer_key(self) -> Path: return self.ca_dir / "issuer.key"
     @property
+    def bundle_crt(self) -> Path: return self.ca_dir / "bundle.crt"
+    @property
     def token_secret(self) -> Path: return self.ca_dir / "token.secret"
     @property
     def controlplane(self) -> Path: return self.root / "controlplane.json"
@@ -91,11 +95,19 @@ class MeshHome:
         _write_private(self.anchor_crt, ca.cert_pem(anchor))
         _write_private(self.issuer_key, ca.key_pem(ikey))
         _write_private(self.issuer_crt, ca.cert_pem(issuer))
+        _write_private(self.bundle_crt, ca.cert_pem(anchor))
         _write_private(self.token_secret, secrets.token_bytes(32))
         return True
 
+    def trust_file(self) -> Path:
+        """The trust bundle (ca/bundle.crt), or the anchor in a home made before bundles."""
+        return self.bundle_crt if self.bundle_crt.exists() else self.anchor_crt
+
     def trust_pem(self) -> bytes:
-        return self.anchor_crt.read_bytes()
+        return self.trust_file().read_bytes()
+
+    def write_bundle(self, pem: bytes) -> None:
+        _write_private(self.bundle_crt, pem)
 
     def issuer(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         return ca.load_certs(self.issuer_crt.read_bytes())[0], ca.load_key(self.issuer_key.read_bytes())

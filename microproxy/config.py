@@ -25,7 +25,10 @@ Environment (all optional unless marked):
 | MESH_FAILFAST_TIMEOUT | `3` | seconds to wait for a resolution/endpoints before 504 |
 | MESH_CONNECT_TIMEOUT | `1` | seconds to connect to a peer |
 | MESH_LOG_LEVEL | `warning` | log level; `MESH_ACCESS_LOG=1` logs each request at INFO |
+| MESH_DEFAULT_INBOUND_POLICY | `all-unauthenticated` | when no ALLOW policy targets the workload: `all-unauthenticated`, `all-authenticated`, `deny` or `audit` (see policy.py) |
 | MESH_IDENTITY_NAME / MESH_DESTINATION_NAME | `identity.micromesh…` | control-plane identities |
+| MESH_TRACE_COLLECTOR | none (tracing off) | OTLP/HTTP JSON traces URL, e.g. `http://127.0.0.1:4318/v1/traces` |
+| MESH_TRACE_SAMPLE | `1` | probability (0..1) of sampling a new root trace; a caller's sampled flag wins |
 """
 from __future__ import annotations
 
@@ -33,12 +36,33 @@ import os
 from dataclasses import dataclass
 from collections.abc import Mapping
 
+from .policy import DEFAULT_MODE, MODES
+
 
 def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"bad address {addr!r}: want HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def split_url(url: str) -> tuple[str, int, str]:
+    """``http://host[:port][/path]`` -> (host, port, path); the path defaults to ``/v1/traces``
+    (OTLP/HTTP). Plain http only."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != "http":
+        raise ValueError(f"bad URL {url!r}: want http://HOST[:PORT][/PATH]")
+    hostport, slash, path = rest.partition("/")
+    path = slash + path if path else "/v1/traces"
+    if hostport.startswith("[") and "]" in hostport:
+        host, _, port = hostport[1:].partition("]")
+        port = port[1:] if port.startswith(":") else "80"
+    else:
+        host, sep, port = hostport.partition(":")
+        port = port if sep else "80"
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad URL {url!r}: want http://HOST[:PORT][/PATH]")
+    return host, int(port), path
 
 
 def _read(env: Mapping[str, str], name: str) -> str | None:
@@ -77,6 +101,9 @@ class Config:
     access_log: bool = False
     identity_name: str = ""
     destination_name: str = ""
+    default_inbound_policy: str = DEFAULT_MODE
+    trace_collector: str | None = None
+    trace_sample: float = 1.0
 
     @property
     def identity(self) -> str:
@@ -99,6 +126,15 @@ class Config:
         td = env.get("MESH_TRUST_DOMAIN", "cluster.local")
         app_port = int(env["MESH_APP_PORT"]) if env.get("MESH_APP_PORT") else None
         svc_port = int(env["MESH_SERVICE_PORT"]) if env.get("MESH_SERVICE_PORT") else app_port
+        inbound_policy = env.get("MESH_DEFAULT_INBOUND_POLICY") or DEFAULT_MODE
+        if inbound_policy not in MODES:
+            raise ValueError(f"MESH_DEFAULT_INBOUND_POLICY must be one of {', '.join(MODES)}")
+        collector = env.get("MESH_TRACE_COLLECTOR") or None
+        if collector is not None:
+            split_url(collector)
+        sample = float(env.get("MESH_TRACE_SAMPLE", "1"))
+        if not 0.0 <= sample <= 1.0:
+            raise ValueError(f"MESH_TRACE_SAMPLE={sample}: want a probability in 0..1")
         return cls(
             identity_addr=split_addr(env["MESH_IDENTITY_ADDR"]),
             destination_addr=split_addr(env["MESH_DESTINATION_ADDR"]),
@@ -124,4 +160,7 @@ class Config:
             access_log=env.get("MESH_ACCESS_LOG", "0") in ("1", "true", "yes"),
             identity_name=env.get("MESH_IDENTITY_NAME") or f"identity.micromesh.serviceaccount.identity.{td}",
             destination_name=env.get("MESH_DESTINATION_NAME") or f"destination.micromesh.serviceaccount.identity.{td}",
+            default_inbound_policy=inbound_policy,
+            trace_collector=collector,
+            trace_sample=sample,
         )

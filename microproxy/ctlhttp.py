@@ -16,6 +16,8 @@ import asyncio
 import json
 import logging
 import ssl as ssl_mod
+from email.utils import formatdate
+from http import HTTPStatus
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,12 +172,24 @@ async def _serve_conn(handler: Handler, reader: asyncio.StreamReader, writer: as
             return
 
 
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _date() -> tuple[str, str]:
+    return ("date", formatdate(usegmt=True))
+
+
 async def _send_response(io: _Conn, conn: h11.Connection, resp: Response, close: bool) -> None:
-    headers = list(resp.headers) + [("content-length", str(len(resp.body)))]
+    headers = list(resp.headers) + [("content-length", str(len(resp.body))), _date()]
     if close:
         headers.append(("connection", "close"))
     try:
-        await io.send(conn, h11.Response(status_code=resp.status, headers=headers))
+        await io.send(conn, h11.Response(status_code=resp.status, headers=headers,
+                                         reason=_reason(resp.status)))
         await io.send(conn, h11.Data(data=resp.body))
         await io.send(conn, h11.EndOfMessage())
     except (ConnectionError, OSError, h11.LocalProtocolError):
@@ -183,8 +197,8 @@ async def _send_response(io: _Conn, conn: h11.Connection, resp: Response, close:
 
 
 async def _send_stream(io: _Conn, conn: h11.Connection, stream: Stream) -> None:
-    await io.send(conn, h11.Response(status_code=stream.status,
-                                     headers=stream.headers + [("transfer-encoding", "chunked")]))
+    await io.send(conn, h11.Response(status_code=stream.status, reason=_reason(stream.status),
+                                     headers=stream.headers + [("transfer-encoding", "chunked"), _date()]))
     closed = asyncio.ensure_future(io.reader.read(1))  # EOF from the watcher ends the stream
     try:
         it = stream.chunks.__aiter__()

@@ -140,7 +140,7 @@ class Exchange:
     __slots__ = ("method", "target", "version", "headers", "host", "keep_alive", "chunked",
                  "length", "body", "body_buffered", "body_done", "upstream", "start",
                  "status", "resp_started", "done", "metric_key", "authority", "flag", "attempts",
-                 "body_sent", "wire_head", "endpoint", "resp_at", "tap", "resp_bytes")
+                 "body_sent", "wire_head", "endpoint", "resp_at", "tap", "resp_bytes", "span")
 
     def __init__(self, method: bytes, target: bytes, version: str,
                  headers: list[tuple[bytes, bytes]], host: bytes | None, keep_alive: bool,
@@ -171,6 +171,7 @@ class Exchange:
         self.resp_at = 0.0            # when the response head arrived (latency = time to first byte)
         self.tap: Any = None          # a TapHub handle when someone taps this request
         self.resp_bytes = 0           # counted only while tapped
+        self.span: Any = None         # a tracing.Span when this request is traced
 
     def head(self, target: bytes, host: bytes | None, extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
              drop: frozenset[bytes] = frozenset()) -> bytes:
@@ -254,6 +255,12 @@ class ServerConn(asyncio.Protocol):
         ex = self.active
         if ex is not None and not ex.done:
             ex.done = True
+            if ex.metric_key and ex.resp_started:
+                # The client left mid-response (e.g. it read a 500's head and hung up): the
+                # response still happened and counts, with its status.
+                self._record(ex, None if ex.status >= 500 else "client disconnected")
+            if ex.span is not None:
+                ex.span.finish(ex, self)  # the client left before the response ended
             up = ex.upstream
             if up is not None:
                 up.abort()  # the response has nowhere to go; the upstream's state is unknown
@@ -431,6 +438,18 @@ class ServerConn(asyncio.Protocol):
         self.write(error_response(status, reason, close))
         self.finish(ex, reusable=False, close=close)
 
+    def _record(self, ex: Exchange, error: str | None) -> None:
+        """Count the response: metrics, rolling window, tap."""
+        status = ex.status
+        t = ex.resp_at or perf_counter()
+        latency = (t - ex.start) * 1000.0
+        failure = status >= 500
+        self.metrics.response(ex.metric_key, status, failure, latency)
+        self.metrics.window.add(ex.metric_key, failure, latency, t)
+        if ex.tap is not None:
+            TapHub.finish(ex.tap, status, int(latency * 1000),
+                          int((perf_counter() - ex.start) * 1e6), ex.resp_bytes, error)
+
     def finish(self, ex: Exchange, reusable: bool = True, close: bool = False) -> None:
         """The response to ``ex`` has been fully written."""
         if ex.done:
@@ -438,15 +457,9 @@ class ServerConn(asyncio.Protocol):
         ex.done = True
         self.flush()
         if ex.metric_key:
-            status = ex.status
-            t = ex.resp_at or perf_counter()
-            latency = (t - ex.start) * 1000.0
-            failure = status >= 500
-            self.metrics.response(ex.metric_key, status, failure, latency)
-            self.metrics.window.add(ex.metric_key, failure, latency, t)
-            if ex.tap is not None:
-                TapHub.finish(ex.tap, status, int(latency * 1000),
-                              int((perf_counter() - ex.start) * 1e6), ex.resp_bytes, ex.flag or None)
+            self._record(ex, ex.flag or None)
+        if ex.span is not None:
+            ex.span.finish(ex, self)
         self.active = None
         if ex.flag or log.isEnabledFor(logging.DEBUG):
             log.info("access", extra={"direction": self.direction, "authority": ex.authority,

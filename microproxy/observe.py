@@ -64,11 +64,13 @@ class Window:
             self.tcp.popleft()
 
     def summary(self, window: int, now: float) -> dict[str, list[dict[str, Any]]]:
-        """Sum the last ``window`` seconds per key, split by direction."""
-        since = int(now) - window
+        """Sum the last ``window`` whole seconds per key (the current, partial second is
+        left out so that counts and the covered time agree), split by direction."""
+        until = int(now)
+        since = until - window
         acc: dict[str, list[Any]] = {}
         for sec, slot in self.slots:
-            if sec <= since:
+            if sec < since or sec >= until:
                 continue
             for key, row in slot.items():
                 a = acc.get(key)

@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from . import clock, ctlhttp
+from .authz import Authorizer
 from .config import Config
 from .discovery import Discovery, Endpoint, Resolution
 from .http1 import (OK_CONNECT, Exchange, Pool, ServerConn, TunnelPeer, UpstreamConn,
                     error_response)
-from .identity_client import Credentials, IdentityClient, refresh_in
+from .identity_client import Credentials, IdentityClient, describe_creds, refresh_in
 from .metrics import CONTENT_TYPE, Metrics, labels
 from .observe import Subscriber, TapHub
+from .tracing import CLIENT, SERVER, build_tracer
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,9 @@ class Outbound:
             conn.respond_error(ex, 400, "invalid authority", "BR")
             return
         ex.authority = auth
-        ex.wire_head = ex.head(path, host)
+        tracer = self.proxy.tracer
+        ex.wire_head = ex.head(path, host) if tracer is None else \
+            ex.head(path, host, *tracer.begin(ex, CLIENT, path))
         res = self.proxy.discovery.get(auth)
         if res.exists and res.endpoints:
             self.send(conn, ex, res)
@@ -229,7 +233,8 @@ class Outbound:
 
         def fail(status: int, reason: str) -> None:
             log.warning("proxy error", extra={"status": status, "reason": reason, "authority": auth})
-            conn.write(error_response(status, reason, close=True))
+            if not conn.transport.is_closing():  # a refusing peer's EOF may have closed it already
+                conn.write(error_response(status, reason, close=True))
             conn.transport.close()
 
         if not await self._await_endpoints(res):
@@ -303,8 +308,12 @@ class Inbound:
         if pool is None:
             conn.respond_error(ex, 503, "this workload serves no port", "NR")
             return
+        if not proxy.authz.allow_http(conn, ex):
+            return  # denied and answered (403, or gRPC PERMISSION_DENIED)
         extra = [(b"x-mesh-client-id", conn.peer_id.encode())] if conn.peer_id else []
-        ex.wire_head = ex.head(ex.target, ex.host, extra, DROP_CLIENT_ID)
+        tracer = self.proxy.tracer
+        ex.wire_head = ex.head(ex.target, ex.host, extra, DROP_CLIENT_ID) if tracer is None else \
+            ex.head(ex.target, ex.host, *tracer.begin(ex, SERVER, ex.target, extra, DROP_CLIENT_ID))
         up = pool.take()
         if up is not None:
             up.attach(ex, conn, ex.wire_head)
@@ -327,6 +336,8 @@ class Inbound:
         self.proxy.spawn(self._connect_then_attach(conn, ex, self.app_pool))
 
     def tunnel(self, conn: ServerConn, ex: Exchange, rest: bytes) -> None:
+        if not self.proxy.authz.allow_tunnel(conn, ex):
+            return  # denied: answered 403 and closed; nothing reached the app
         self.proxy.spawn(self._tunnel(conn, rest))
 
     async def _tunnel(self, conn: ServerConn, rest: bytes) -> None:
@@ -352,10 +363,12 @@ class Proxy:
         self.cfg = cfg
         self.loop = loop
         self.metrics = Metrics(base=labels(namespace=cfg.namespace, workload=cfg.workload))
+        self.tracer = build_tracer(cfg, self.metrics)   # None: tracing off
         self.creds: Credentials | None = None
         self.conns: set[ServerConn] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.discovery = Discovery(cfg, self._destination_client, loop)
+        self.authz = Authorizer(cfg, self._destination_client, self.metrics)
         self.outbound = Outbound(self)
         self.inbound = Inbound(self)
         self.identity = IdentityClient(cfg, clock.now)
@@ -429,7 +442,8 @@ class Proxy:
         return {
             "workload": cfg.workload, "namespace": cfg.namespace, "pod": cfg.instance,
             "identity": cfg.identity, "version": __version__, "window": window,
-            "elapsed": min(float(window), now - self.started), "buckets_ms": list(BUCKETS),
+            # the last `window` whole seconds (or since start, for a young proxy)
+            "elapsed": max(0.0, min(float(window), int(now) - self.started)), "buckets_ms": list(BUCKETS),
             "inbound": rows.get("inbound", []), "outbound": rows.get("outbound", []),
             "tcp": {"inbound": {"open": open_in, "read_bytes": tb[0], "write_bytes": tb[1]},
                     "outbound": {"open": len(self.conns) - open_in, "read_bytes": tb[2],
@@ -442,6 +456,8 @@ class Proxy:
             return False, "no certificate yet"
         if not self.discovery.reachable:
             return False, "destination not reached yet"
+        if self.cfg.app_port is not None and not self.authz.known:
+            return False, "authorization policy not known yet"
         if self.cfg.register and self.cfg.app_port and not self.discovery.registered:
             return False, "workload not registered yet (is the app listening?)"
         return True, "ready"
@@ -469,10 +485,16 @@ class Proxy:
             with open(tmp, "w") as f:
                 json.dump({"pid": os.getpid(), **self.ports}, f)
             os.replace(tmp, cfg.ports_file)
-        self.spawn(self.discovery.run_lease(self.ports["inbound"]))
+        if cfg.app_port is not None:  # a served port: know its policy before registering it
+            self.spawn(self.authz.run())
+            self.spawn(self.authz.after_first_policy(lambda: self.discovery.run_lease(self.ports["inbound"])))
+        else:
+            self.spawn(self.discovery.run_lease(self.ports["inbound"]))
         self.spawn(self._renew())
         self.spawn(self._sweep())
         self.spawn(self._tick())
+        if self.tracer is not None:
+            self.spawn(self.tracer.run())
         log.info("proxy started", extra=self.ports)
 
     def _listen(self, addr: tuple[str, int]) -> socket.socket:
@@ -532,7 +554,8 @@ class Proxy:
         while True:
             creds = self.creds
             assert creds is not None
-            await asyncio.sleep(refresh_in(creds.issued_at, creds.valid_until, clock.now()))
+            if await self.identity.wait_refresh(refresh_in(creds.issued_at, creds.valid_until, clock.now())):
+                continue  # renewed on request (admin POST /renew): reschedule from the new certificate
             try:
                 self.set_creds(await self.identity.certify_with_retry(stop_at=creds.valid_until))
             except TimeoutError:
@@ -571,6 +594,8 @@ class Proxy:
             return ctlhttp.Response(200 if ok else 503, (why + "\n").encode())
         if path == "/config":
             return ctlhttp.Response.json(self.describe())
+        if path == "/renew":  # certify now (certificate rotation; loopback callers only)
+            return await self.identity.admin_renew(req, self.set_creds)
         if path == "/stats":
             window = parse_window(req.query.get("window", "60"))
             if window is None:
@@ -603,7 +628,9 @@ class Proxy:
             "identity": cfg.identity, "workload": cfg.workload, "namespace": cfg.namespace,
             "instance": cfg.instance, "ports": self.ports, "app_port": cfg.app_port,
             "ready": self.ready()[1], "certificate_valid_until": creds.valid_until if creds else None,
+            **describe_creds(creds),  # trust_anchors, certificate (rotation progress)
             "destination": {"reachable": self.discovery.reachable, "registered": self.discovery.registered},
+            "policy": self.authz.describe(),
             "resolutions": {a: {"exists": r.exists, "version": r.version, "connected": r.connected,
                                 "endpoints": [{"address": f"{e.addr[0]}:{e.addr[1]}", "identity": e.identity,
                                                "labels": e.labels} for e in r.endpoints]}
@@ -628,6 +655,8 @@ class Proxy:
         for conn in list(self.conns):
             conn.transport.abort()
         await self.discovery.deregister()
+        if self.tracer is not None:
+            await self.tracer.close()   # bounded: spans of the requests that just ended
         self.discovery.close()
         for srv in self.servers[1:]:
             srv.close()
