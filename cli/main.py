@@ -326,12 +326,23 @@ def prometheus_config(ctx: click.Context, home_path: Path | None, interval: str,
 observe.register(cli)
 resources_cli.register(cli)   # mesh apply / delete / get / authz: cli/resources.py
 
+from .resilience_cmd import register as _register_resilience  # noqa: E402
+
+_register_resilience(cli)     # mesh routes / proxy-status: cli/resilience_cmd.py
+
 
 # === identity: certificates and their rotation (cli/identity_cmd.py) ===
 
 from .identity_cmd import register as _register_identity  # noqa: E402
 
 _register_identity(cli)
+
+
+# === Kubernetes: install, uninstall, inject (cli/inject.py, manifests in cli/install.py) ===
+
+from .inject import register as _register_kubernetes  # noqa: E402
+
+_register_kubernetes(cli)
 
 
 def main() -> None:

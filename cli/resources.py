@@ -169,7 +169,7 @@ def resource_path(kind: str, namespace: str, name: str) -> str:
 
 # === apply / delete / get ===
 
-@click.command(short_help="Create or update resources (AuthorizationPolicy) from YAML or JSON.")
+@click.command(short_help="Create or update resources (AuthorizationPolicy, HTTPRoute) from YAML or JSON.")
 @_home_option
 @click.option("-f", "--filename", "files", multiple=True, required=True, metavar="FILE|-",
               help="A YAML (several documents allowed) or JSON file; - reads stdin. Repeatable.")
@@ -245,14 +245,43 @@ def policy_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for i in items]
 
 
+ROUTE_COLUMNS = (Column("NAMESPACE", "namespace"), Column("NAME", "name"), Column("PARENTS", "parents"),
+                 Column("BACKENDS", "backends"), Column("RULES", "rules"), Column("VERSION", "version"))
+
+
+def _ref_text(ref: dict[str, Any], namespace: str, weight: bool = False) -> str:
+    name = ref["name"] if ref.get("namespace", namespace) == namespace else f"{ref['namespace']}/{ref['name']}"
+    text = name + (f":{ref['port']}" if ref.get("port") else "")
+    return text + (f"={ref.get('weight', 1)}" if weight else "")
+
+
+def route_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """HTTPRoutes: parents and the backends of every rule (``name:port=weight``)."""
+    rows = []
+    for i in items:
+        ns, spec = i["metadata"]["namespace"], i["spec"]
+        backends: list[str] = []
+        for rule in spec.get("rules", []):
+            for b in rule.get("backendRefs") or [{"name": "(parent)"}]:
+                text = _ref_text(b, ns, weight="weight" in b)
+                if text not in backends:
+                    backends.append(text)
+        rows.append({"namespace": ns, "name": i["metadata"]["name"],
+                     "parents": ",".join(_ref_text(p, ns) for p in spec.get("parentRefs", [])),
+                     "backends": ",".join(backends), "rules": len(spec.get("rules", [])),
+                     "version": i["metadata"].get("resourceVersion")})
+    return rows
+
+
 def for_reapply(item: dict[str, Any]) -> dict[str, Any]:
     """A stored resource without server-set fields (what `-o yaml` prints, to re-apply)."""
     out = dict(item)
-    out["metadata"] = {k: v for k, v in item["metadata"].items() if k != "resourceVersion"}
+    out["metadata"] = {k: v for k, v in item["metadata"].items()
+                       if k not in ("resourceVersion", "creationTimestamp")}
     return out
 
 
-@click.command(short_help="List resources: mesh get policies [-n NS | -A] [-o json|yaml].")
+@click.command(short_help="List resources: mesh get policies|routes [-n NS | -A] [-o json|yaml].")
 @_home_option
 @click.argument("kind_name", metavar="TYPE")
 @click.argument("names", nargs=-1, metavar="[NAME...]")
@@ -263,7 +292,8 @@ def for_reapply(item: dict[str, Any]) -> dict[str, Any]:
 @click.pass_context
 def get(ctx: click.Context, home_path: Path | None, kind_name: str, names: tuple[str, ...],
         namespace: str | None, all_namespaces: bool, output: str) -> None:
-    """List resources of a TYPE: policies (also authorizationpolicies, ap)."""
+    """List resources of a TYPE: policies (also authorizationpolicies, ap) or routes
+    (httproutes, hr)."""
     try:
         kind = kind_named(kind_name)
     except ResourceError as e:
@@ -288,8 +318,10 @@ def get(ctx: click.Context, home_path: Path | None, kind_name: str, names: tuple
         click.echo(f"No {kind.plural} found {'in any namespace' if ns is None else f'in namespace {ns}'}.",
                    err=True)
     else:
-        cols = GET_COLUMNS if ns is None else GET_COLUMNS[1:]
-        click.echo(table(cols, policy_rows(items)), nl=False)
+        routes = kind.name == "HTTPRoute"
+        cols = ROUTE_COLUMNS if routes else GET_COLUMNS
+        cols = cols if ns is None else cols[1:]
+        click.echo(table(cols, route_rows(items) if routes else policy_rows(items)), nl=False)
 
 
 # === authz ===

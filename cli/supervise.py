@@ -47,7 +47,10 @@ APP_GRACE = 10.0            # seconds between SIGTERM and SIGKILL for the app
 PROXY_GRACE = 5.0           # local default for MESH_SHUTDOWN_GRACE_PERIOD
 TOKEN_TTL = 30 * 24 * 3600  # the proxy renews its certificate with this token
 PROXY_TUNABLES = ("MESH_LOG_LEVEL", "MESH_ACCESS_LOG", "MESH_SHUTDOWN_GRACE_PERIOD",
-                  "MESH_FAILFAST_TIMEOUT", "MESH_CONNECT_TIMEOUT", "MESH_DEFAULT_INBOUND_POLICY")
+                  "MESH_FAILFAST_TIMEOUT", "MESH_CONNECT_TIMEOUT", "MESH_DEFAULT_INBOUND_POLICY",
+                  # resilience (microproxy/resilience.py)
+                  "MESH_FAILURE_ACCRUAL", "MESH_MAX_PENDING_REQUESTS", "MESH_MAX_CONNECTIONS_PER_SERVICE",
+                  "MESH_DEFAULT_RETRY")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -28,12 +29,19 @@ async def main(cfg: Config) -> int:
         return 0
     stopper.cancel()
     starting.result()
+    # Everything alive now (modules, config, contexts) lives as long as the process: move it
+    # out of the collector's sight, so a full collection never walks it (measured: a 4 ms
+    # loop stall per full collection otherwise, which lands in tail latency).
+    gc.freeze()
     await stop.wait()
     await proxy.shutdown()
     return 0
 
 
 def run() -> None:
+    if sys.argv[1:2] == ["init"]:  # `python -m microproxy init ...`: the init container (init.py)
+        from .init import main as init_main
+        sys.exit(init_main(sys.argv[2:]))
     try:
         cfg = Config.from_env()
     except (ValueError, OSError) as e:

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from . import ctlhttp
+from time import monotonic
+
+from . import ctlhttp, resilience
 from .config import Config, split_addr
+from .core import balance
 from .metrics import labels
 
 log = logging.getLogger(__name__)
@@ -33,29 +36,35 @@ class Endpoint:
     labels: dict[str, str]
     metric_key: str
     weight: int = 10000
+    lb: Any = None            # its core.balance.Endpoint (EWMA, pending, breaker), kept across snapshots
 
 
 class Resolution:
     """What we know of one authority. ``exists`` is None until the first snapshot."""
 
-    def __init__(self, authority: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, authority: str, loop: asyncio.AbstractEventLoop,
+                 rand: Any = random.random) -> None:
         self.authority = authority
+        self.rand = rand                              # random source for P2C (injectable)
+        self.lb: list[balance.Endpoint] = []          # parallel to endpoints
+        self.svc = resilience.Service(authority)      # pool limits and retry budget
         self.canonical = authority
         self.exists: bool | None = None
         self.endpoints: list[Endpoint] = []
         self.version = -1
         self.changed = asyncio.Event()
-        self.rr = 0
         self.last_used = loop.time()
         self.task: asyncio.Task[None] | None = None
         self.connected = False
 
     def pick(self) -> Endpoint | None:
-        eps = self.endpoints
-        if not eps:
+        """P2C over peak-EWMA (core.balance.pick); None when no endpoint is ready (all open)."""
+        lb = self.lb
+        if not lb:
             return None
-        self.rr = (self.rr + 1) % len(eps)
-        return eps[self.rr]
+        rand = self.rand
+        e = balance.pick(lb, monotonic(), rand(), rand())
+        return None if e is None else e.key  # type: ignore[no-any-return]
 
     def apply(self, snap: dict[str, Any]) -> None:
         self.version = int(snap.get("version", 0))
@@ -72,9 +81,24 @@ class Resolution:
                 eps.append(Endpoint(addr, str(e["identity"]), lab, key, int(e.get("weight", 10000))))
             except (KeyError, ValueError, TypeError):
                 log.warning("ignoring malformed endpoint", extra={"endpoint": e})
-        if eps and not self.endpoints:
-            self.rr = random.randrange(len(eps))  # new proxies must not all start on one replica
+        old = {e.key.addr: e for e in self.lb}
+        now = monotonic()
+        # A new replica starts at the mean latency of the ones we know, not at the 30 ms
+        # default: on a fast local service the default would keep it unpicked by P2C for
+        # tens of seconds while the others answer in 1 ms.
+        known = [e.ewma.get(now) for e in self.lb]
+        start = sum(known) / len(known) if known else None
+        lb = []
+        for ep in eps:
+            e = old.get(ep.addr)
+            if e is None:
+                e = resilience.new_endpoint(now)
+                if start is not None:
+                    e.ewma.value, e.ewma.stamp = start, now
+            e.key, ep.lb = ep, e
+            lb.append(e)
         self.endpoints = eps
+        self.lb = lb
         self.changed.set()
         self.changed = asyncio.Event()
 

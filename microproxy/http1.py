@@ -140,7 +140,8 @@ class Exchange:
     __slots__ = ("method", "target", "version", "headers", "host", "keep_alive", "chunked",
                  "length", "body", "body_buffered", "body_done", "upstream", "start",
                  "status", "resp_started", "done", "metric_key", "authority", "flag", "attempts",
-                 "body_sent", "wire_head", "endpoint", "resp_at", "tap", "resp_bytes", "span")
+                 "body_sent", "wire_head", "endpoint", "resp_at", "tap", "resp_bytes", "span",
+                 "route", "timer", "backend_timeout", "on_finish", "rs")
 
     def __init__(self, method: bytes, target: bytes, version: str,
                  headers: list[tuple[bytes, bytes]], host: bytes | None, keep_alive: bool,
@@ -172,6 +173,11 @@ class Exchange:
         self.tap: Any = None          # a TapHub handle when someone taps this request
         self.resp_bytes = 0           # counted only while tapped
         self.span: Any = None         # a tracing.Span when this request is traced
+        self.route: Any = None        # outbound: the core.routing.Route it matched
+        self.timer: Any = None        # a loop.call_later handle (route timeout); cancelled at the end
+        self.backend_timeout: float | None = None   # per attempt (timeouts.backendRequest), seconds
+        self.on_finish: Any = None    # (ex) -> None, called once when the exchange ends
+        self.rs: Any = None           # outbound: resilience.ReqState (attempts, retries, admission)
 
     def head(self, target: bytes, host: bytes | None, extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
              drop: frozenset[bytes] = frozenset()) -> bytes:
@@ -255,6 +261,10 @@ class ServerConn(asyncio.Protocol):
         ex = self.active
         if ex is not None and not ex.done:
             ex.done = True
+            if ex.on_finish is not None:
+                ex.on_finish(ex)
+            if ex.rs is not None:
+                ex.rs.finish(ex)
             if ex.metric_key and ex.resp_started:
                 # The client left mid-response (e.g. it read a 500's head and hung up): the
                 # response still happened and counts, with its status.
@@ -455,6 +465,10 @@ class ServerConn(asyncio.Protocol):
         if ex.done:
             return
         ex.done = True
+        if ex.on_finish is not None:
+            ex.on_finish(ex)   # e.g. cancel a route timeout, count the route's response
+        if ex.rs is not None:
+            ex.rs.finish(ex)   # resilience: admission slot, open attempt, route stats
         self.flush()
         if ex.metric_key:
             self._record(ex, ex.flag or None)
@@ -538,6 +552,8 @@ class UpstreamConn(asyncio.Protocol):
         self.reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self.idle_since = 0.0
+        self.draining = False            # reading a response that is being retried (not forwarded)
+        self.on_close: Any = None        # () -> None once the connection is gone (per-service count)
 
     # --- asyncio.Protocol
     def connection_made(self, transport: Any) -> None:
@@ -547,6 +563,9 @@ class UpstreamConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.discard(self)
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
         ex, server = self.ex, self.server
         self.ex = self.server = None
         if ex is None or server is None or ex.done:
@@ -563,6 +582,10 @@ class UpstreamConn(asyncio.Protocol):
             ex.upstream = None
             ex.body_sent = False
             self.pool.router_retry(server, ex)
+            return
+        if ex.rs is not None and not ex.resp_started:
+            ex.upstream = None
+            ex.rs.on_failure(ex, server, 502, "upstream connection lost", "UC")
             return
         server.respond_error(ex, 502, "upstream connection lost", "UC")
 
@@ -584,6 +607,10 @@ class UpstreamConn(asyncio.Protocol):
         ex, server = self.ex, self.server
         self.abort()
         if ex is not None and server is not None:
+            if ex.rs is not None and not ex.resp_started:
+                ex.upstream = None
+                ex.rs.on_failure(ex, server, 502, reason, "UPE")
+                return
             server.respond_error(ex, 502, reason, "UPE")
 
     def pause_writing(self) -> None:
@@ -613,7 +640,10 @@ class UpstreamConn(asyncio.Protocol):
         self.resp_keep_alive = True
         body = ex.body
         if body:
-            self.transport.write(head + b"".join(body))
+            data = b"".join(body)
+            if ex.rs is not None:
+                ex.rs.keep_body(ex, data)
+            self.transport.write(head + data)
             ex.body = []
             server.resume("buffer")
         else:
@@ -670,6 +700,16 @@ class UpstreamConn(asyncio.Protocol):
                 chunked = True
         self.resp_keep_alive = self.parser.should_keep_alive()
         informational = 100 <= status < 200
+        if ex.rs is not None and not informational and ex.rs.on_head(ex, status, self):
+            # retried: this response is not forwarded; read it to its end (or close)
+            self.ex = self.server = None
+            if ex.upstream is self:
+                ex.upstream = None
+            if (has_len or chunked) and ex.method != b"HEAD" and self.resp_keep_alive and ex.body_done:
+                self.draining = True
+            else:
+                self.close()
+            return
         parts = [b"HTTP/1.1 %d " % status, self.reason or REASONS.get(status, b"Unknown"), b"\r\n"]
         for name, value in headers:
             if name in HOP_BY_HOP or name in conn_tokens:
@@ -715,6 +755,9 @@ class UpstreamConn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex, server = self.ex, self.server
         if ex is None or server is None:
+            if self.draining and not 100 <= self.parser.get_status_code() < 200:
+                self.draining = False
+                self.pool.release(self)
             return
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:

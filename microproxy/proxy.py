@@ -13,7 +13,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-from . import clock, ctlhttp
+from . import clock, ctlhttp, resilience
 from .authz import Authorizer
 from .config import Config
 from .discovery import Discovery, Endpoint, Resolution
@@ -21,6 +21,9 @@ from .http1 import (OK_CONNECT, Exchange, Pool, ServerConn, TunnelPeer, Upstream
                     error_response)
 from .identity_client import Credentials, IdentityClient, describe_creds, refresh_in
 from .metrics import CONTENT_TYPE, Metrics, labels
+from .mirror import Mirrors
+from .profiles import Profile, Profiles
+from .routes import RouteRouter
 from .observe import Subscriber, TapHub
 from .tracing import CLIENT, SERVER, build_tracer
 
@@ -101,6 +104,7 @@ class Outbound:
         self.proxy = proxy
         self.pools: dict[tuple[tuple[str, int], str], Pool] = {}
         self.hosts: dict[bytes, str | None] = {}
+        self.routing = RouteRouter(self)   # HTTPRoute decisions (routes.py)
 
     def _authority(self, host: bytes) -> str | None:
         auth = self.hosts.get(host)
@@ -126,9 +130,21 @@ class Outbound:
             conn.respond_error(ex, 400, "invalid authority", "BR")
             return
         ex.authority = auth
+        prof = self.proxy.profiles.get(auth)
+        if prof.routed:   # HTTPRoutes attach to this service: select, split, mirror, time out
+            self.routing.route(conn, ex, prof, host, path)
+            return
+        if prof.table is None:   # the routes of a new authority are not known yet
+            self.proxy.spawn(self._wait_profile(conn, ex, prof, host, path))
+            return
+        self.routing.default(conn, ex, prof)
         tracer = self.proxy.tracer
         ex.wire_head = ex.head(path, host) if tracer is None else \
             ex.head(path, host, *tracer.begin(ex, CLIENT, path))
+        self.resolve_and_send(conn, ex, auth)
+
+    def resolve_and_send(self, conn: ServerConn, ex: Exchange, auth: str) -> None:
+        """Send ``ex`` (head ready) to the service ``auth``, waiting for its endpoints if needed."""
         res = self.proxy.discovery.get(auth)
         if res.exists and res.endpoints:
             self.send(conn, ex, res)
@@ -136,6 +152,23 @@ class Outbound:
             conn.respond_error(ex, 503, f"unknown service {auth}", "NR")
         else:
             self.proxy.spawn(self._wait_then_send(conn, ex, res))
+
+    async def _wait_profile(self, conn: ServerConn, ex: Exchange, prof: Profile, host: bytes,
+                            path: bytes) -> None:
+        try:
+            await asyncio.wait_for(prof.ready.wait(), self.proxy.cfg.failfast_timeout)
+        except asyncio.TimeoutError:
+            log.info("routes not known in time; using the default route", extra={"authority": prof.authority})
+        if ex.done:
+            return
+        if prof.routed:
+            self.routing.route(conn, ex, prof, host, path)
+            return
+        self.routing.default(conn, ex, prof)
+        tracer = self.proxy.tracer
+        ex.wire_head = ex.head(path, host) if tracer is None else \
+            ex.head(path, host, *tracer.begin(ex, CLIENT, path))
+        self.resolve_and_send(conn, ex, ex.authority)
 
     async def _await_endpoints(self, res: Resolution) -> bool:
         deadline = asyncio.get_running_loop().time() + self.proxy.cfg.failfast_timeout
@@ -158,9 +191,9 @@ class Outbound:
         if ok:
             self.send(conn, ex, res)
         elif res.exists is False:
-            conn.respond_error(ex, 503, f"unknown service {ex.authority}", "NR")
+            conn.respond_error(ex, 503, f"unknown service {res.authority}", "NR")
         else:
-            conn.respond_error(ex, 504, f"no endpoints for {ex.authority} (fail-fast)", "NR")
+            conn.respond_error(ex, 504, f"no endpoints for {res.authority} (fail-fast)", "NR")
 
     def pool(self, ep: Endpoint) -> Pool:
         key = (ep.addr, ep.identity)
@@ -181,18 +214,34 @@ class Outbound:
         return pool
 
     def send(self, conn: ServerConn, ex: Exchange, res: Resolution) -> None:
+        """Send ``ex`` (again, for a retry) to an endpoint of ``res`` picked by P2C peak-EWMA.
+
+        The first call admits the request (per-service pending limit; 503 UO over it) and
+        gives it a ``resilience.ReqState``; each call is one attempt."""
+        st = ex.rs
+        first = st is None
+        if first:
+            st = resilience.admit(self, conn, ex, res)
+            if isinstance(st, resilience.breaker.Reject):
+                conn.respond_error(ex, 503, st.reason, st.flag)
+                return
+            ex.rs = st
         ep = res.pick()
-        assert ep is not None
+        if ep is None:   # every endpoint's breaker is open
+            conn.respond_error(ex, 503, resilience.CIRCUIT_OPEN, "UO")
+            return
+        st.begin(ep.lb, resilience.monotonic())
         ex.endpoint = ep
         ex.metric_key = ep.metric_key
         proxy = self.proxy
-        proxy.metrics.request(ep.metric_key)
+        if first:
+            proxy.metrics.request(ep.metric_key)
         if ep.metric_key not in proxy.metrics.window.info:
             proxy.metrics.window.describe(
                 ep.metric_key, direction="outbound", authority=ex.authority, server_id=ep.identity,
                 dst_workload=ep.labels.get("workload"), dst_namespace=ep.labels.get("namespace"),
                 dst_pod=ep.labels.get("pod"), tls=True)
-        if proxy.tap.subs:
+        if proxy.tap.subs and ex.tap is None:
             ex.tap = proxy.tap_request(conn, ex, split_target(ex.target)[1] or ex.target, {
                 "workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
                 "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"}, True)
@@ -204,18 +253,35 @@ class Outbound:
             self.proxy.spawn(self._connect_then_attach(conn, ex, pool))
 
     async def _connect_then_attach(self, conn: ServerConn, ex: Exchange, pool: Pool) -> None:
+        st = ex.rs
+        adm = st.svc.admission if st is not None else None
+        if adm is not None:
+            verdict = adm.connect()
+            if isinstance(verdict, resilience.breaker.Reject):
+                conn.respond_error(ex, 503, verdict.reason, verdict.flag)
+                return
         try:
             up = await pool.connect()
         except (OSError, asyncio.TimeoutError) as e:
-            conn.respond_error(ex, 502, f"connect to {ex.endpoint.addr[0]}:{ex.endpoint.addr[1]} "
-                               f"failed: {type(e).__name__}", "UF")
+            if adm is not None:
+                adm.connection_done()
+            reason = f"connect to {ex.endpoint.addr[0]}:{ex.endpoint.addr[1]} failed: {type(e).__name__}"
+            if st is not None:
+                st.on_failure(ex, conn, 502, reason, "UF")
+            else:
+                conn.respond_error(ex, 502, reason, "UF")
             return
+        if adm is not None:
+            up.on_close = adm.connection_done
         if ex.done:
             pool.release(up)
             return
         up.attach(ex, conn, ex.wire_head)
 
     def retry(self, conn: ServerConn, ex: Exchange) -> None:
+        """A pooled connection was stale: the same endpoint, a new connection (not a retry)."""
+        if ex.rs is not None:
+            ex.rs.restart()
         self.proxy.spawn(self._connect_then_attach(conn, ex, self.pool(ex.endpoint)))
 
     def tunnel(self, conn: ServerConn, ex: Exchange, rest: bytes) -> None:
@@ -241,7 +307,10 @@ class Outbound:
             fail(503 if res.exists is False else 504, f"no endpoints for {auth}")
             return
         ep = res.pick()
-        assert ep is not None and proxy.creds is not None
+        if ep is None:
+            fail(503, resilience.CIRCUIT_OPEN)
+            return
+        assert proxy.creds is not None
         try:
             transport, peer = await asyncio.wait_for(proxy.loop.create_connection(
                 lambda: TunnelPeer(conn, handshake=True), ep.addr[0], ep.addr[1],
@@ -369,6 +438,8 @@ class Proxy:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.discovery = Discovery(cfg, self._destination_client, loop)
         self.authz = Authorizer(cfg, self._destination_client, self.metrics)
+        self.profiles = Profiles(cfg, self._destination_client, loop)   # HTTPRoutes per authority
+        self.mirrors = Mirrors(self)                                     # RequestMirror copies
         self.outbound = Outbound(self)
         self.inbound = Inbound(self)
         self.identity = IdentityClient(cfg, clock.now)
@@ -581,11 +652,13 @@ class Proxy:
             if self.inbound.app_pool is not None:
                 self.inbound.app_pool.sweep(now)
             self.discovery.evict()
+            self.profiles.evict()
 
     # --- admin
     async def admin(self, req: ctlhttp.Request) -> ctlhttp.Response | ctlhttp.Stream:
         path = req.path
         if path == "/metrics":
+            resilience.refresh_gauges(self.metrics, self.discovery.resolutions)
             return ctlhttp.Stream(self._metrics_chunks(), headers=[("content-type", CONTENT_TYPE)])
         if path == "/live":
             return ctlhttp.Response(200, b"live\n")
@@ -601,6 +674,13 @@ class Proxy:
             if window is None:
                 return ctlhttp.Response.error(400, "window must be 1..600 seconds")
             return ctlhttp.Response.json(self.stats(window))
+        if path == "/routes":   # per-route effective (logical) vs actual (attempt) windows
+            window = parse_window(req.query.get("window", "60"))
+            if window is None:
+                return ctlhttp.Response.error(400, "window must be 1..600 seconds")
+            return ctlhttp.Response.json({"workload": self.cfg.workload, "namespace": self.cfg.namespace,
+                                          "pod": self.cfg.instance,
+                                          **resilience.routes_doc(window, self.started)})
         if path == "/tap":
             try:
                 rate = float(req.query.get("max_rps", "100"))
@@ -636,6 +716,8 @@ class Proxy:
                                                "labels": e.labels} for e in r.endpoints]}
                             for a, r in self.discovery.resolutions.items()},
             "pools": {f"{k[0][0]}:{k[0][1]}": len(p.idle) for k, p in self.outbound.pools.items()},
+            "profiles": self.profiles.describe(), "mirrors": self.mirrors.describe(),
+            "balancer": resilience.describe(self.discovery.resolutions),
             "connections": len(self.conns),
         }
 
@@ -658,6 +740,8 @@ class Proxy:
         if self.tracer is not None:
             await self.tracer.close()   # bounded: spans of the requests that just ended
         self.discovery.close()
+        self.profiles.close()
+        self.mirrors.close()
         for srv in self.servers[1:]:
             srv.close()
         for t in list(self.tasks):

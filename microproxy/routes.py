@@ -1,0 +1,153 @@
+"""HTTPRoute routing in the outbound proxy: the I/O around the pure decisions of
+``core.routing`` (select, weighted split, mirror) and ``core.fault``.
+
+Per request, for a service with HTTPRoutes (``Outbound.dispatch`` calls ``route``):
+
+1. ``RouteTable.select(method, path, query, headers)`` -> the ``Route`` (``ex.route``);
+   ``route_request_total{dst, rt_route}`` is counted.
+2. Fault injection (``fault.micromesh.io/http``): an abort is answered here with its status
+   and flag ``FI``; a delay postpones the rest (``loop.call_later``), outside the timeouts.
+3. ``choose_backend(route, random())`` -> a backendRef, mapped to the authority
+   ``name.namespace:port`` (the service itself keeps the caller's authority); no weight at
+   all -> 500. ``RequestHeaderModifier`` is applied to the forwarded head.
+4. Each ``RequestMirror`` selected by its percent gets a fire-and-forget copy (mirror.py).
+5. Timeouts: ``timeouts.request`` bounds the whole request (retries included);
+   ``timeouts.backendRequest`` is set on ``ex.backend_timeout`` for the per-attempt logic,
+   and when the route has no retry policy it also bounds the request here (one attempt).
+   On expiry: the upstream is aborted and the caller gets 504 with
+   ``x-mesh-proxy-error: request timeout (...)`` and flag ``UT``. The timer is cancelled
+   when the exchange ends (``ex.on_finish``).
+6. ``Outbound.resolve_and_send`` (discovery, then ``Outbound.send``).
+
+Services without routes take ``default``: only the ``[DEFAULT]`` route's counters.
+``route_response_total{dst, rt_route, classification}`` is counted when the exchange ends.
+"""
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+from .core.fault import decide
+from .core.fields import render_duration
+from .core.routing import Route, choose_backend, should_mirror, split_target
+from .http1 import Exchange, ServerConn
+from .metrics import labels
+from .profiles import Profile
+from .tracing import CLIENT
+
+if TYPE_CHECKING:
+    from .proxy import Outbound
+
+ROUTE_REQUESTS = "route_request_total"
+ROUTE_RESPONSES = "route_response_total"
+MAX_KEYS = 10000
+
+
+class RouteRouter:
+    def __init__(self, outbound: "Outbound") -> None:
+        self.outbound = outbound
+        self.proxy = outbound.proxy
+        # id(route) -> (route, request key, success key, failure key); the route is kept so
+        # its id is not reused while the entry lives
+        self._keys: dict[int, tuple[Route, str, str, str]] = {}
+        self.rand = random.random
+
+    def _count(self, ex: Exchange, route: Route) -> None:
+        entry = self._keys.get(id(route))
+        if entry is None or entry[0] is not route:
+            if len(self._keys) >= MAX_KEYS:
+                self._keys.clear()
+            base = labels(dst=ex.authority, rt_route=route.name, rt_namespace=route.namespace)
+            entry = self._keys[id(route)] = (route, base, base + ',classification="success"',
+                                              base + ',classification="failure"')
+        self.proxy.metrics.inc(ROUTE_REQUESTS, entry[1])
+        ex.route = route
+        ex.on_finish = self._ended
+
+    def _ended(self, ex: Exchange) -> None:
+        t = ex.timer
+        if t is not None:
+            ex.timer = None
+            t.cancel()
+        entry = self._keys.get(id(ex.route))
+        if entry is not None:
+            failed = ex.status >= 500 or not ex.status
+            self.proxy.metrics.inc(ROUTE_RESPONSES, entry[3] if failed else entry[2])
+
+    def default(self, conn: ServerConn, ex: Exchange, prof: Profile) -> None:
+        """No HTTPRoute: the request goes to the authority itself; only counted."""
+        if prof.default is not None:
+            self._count(ex, prof.default)
+
+    def route(self, conn: ServerConn, ex: Exchange, prof: Profile, host: bytes, path: bytes) -> None:
+        table = prof.table
+        assert table is not None
+        rpath, query = split_target(path)
+        route = table.select(ex.method, rpath, query, ex.headers)
+        self._count(ex, route)
+        if route.fault is not None:
+            inject = decide(route.fault, self.rand(), self.rand())
+            if inject.delay:
+                ex.timer = self.proxy.loop.call_later(inject.delay, self._delayed, conn, ex, prof,
+                                                      route, host, path, inject.abort)
+                return
+            if inject.abort:
+                conn.respond_error(ex, inject.abort, "fault injected: abort", "FI")
+                return
+        self._forward(conn, ex, prof, route, host, path)
+
+    def _delayed(self, conn: ServerConn, ex: Exchange, prof: Profile, route: Route, host: bytes,
+                 path: bytes, abort: int) -> None:
+        ex.timer = None
+        if ex.done:
+            return
+        if abort:
+            conn.respond_error(ex, abort, "fault injected: abort (after a delay)", "FI")
+            return
+        self._forward(conn, ex, prof, route, host, path)
+
+    def _forward(self, conn: ServerConn, ex: Exchange, prof: Profile, route: Route, host: bytes,
+                 path: bytes) -> None:
+        backend = choose_backend(route, self.rand())
+        if backend is None:
+            conn.respond_error(ex, 500, f"route {route.name}: every backend has weight 0", "NR")
+            return
+        if backend.name == prof.table.service and backend.namespace == prof.namespace \
+                and backend.port == prof.port:   # type: ignore[union-attr]
+            auth = ex.authority
+        else:
+            auth = f"{backend.name}.{backend.namespace}:{backend.port}"
+        extra: list[tuple[bytes, bytes]] = []
+        drop: frozenset[bytes] = frozenset()
+        mod = route.request_headers
+        if mod is not None:
+            drop = frozenset(n.encode() for n in mod.remove) | frozenset(n.encode() for n, _ in mod.set)
+            extra = [(n.encode(), v.encode()) for n, v in mod.set + mod.add]
+        tracer = self.proxy.tracer
+        ex.wire_head = ex.head(path, host, extra, drop) if tracer is None else \
+            ex.head(path, host, *tracer.begin(ex, CLIENT, path, extra, drop))
+        for m in route.mirrors:
+            if should_mirror(m, self.rand()):
+                b = m.backend
+                self.proxy.mirrors.send(ex, f"{b.name}.{b.namespace}:{b.port}", ex.wire_head)
+        t = route.timeouts
+        if t.request or t.backend_request:
+            ex.backend_timeout = t.backend_request
+            secs, what = t.request, "timeouts.request"
+            if route.retry is None and t.backend_request and (not secs or t.backend_request < secs):
+                secs, what = t.backend_request, "timeouts.backendRequest"
+            if secs:
+                ex.timer = self.proxy.loop.call_later(
+                    secs, self._timeout, conn, ex, f"request timeout ({what} {render_duration(secs)})")
+        self.outbound.resolve_and_send(conn, ex, auth)
+
+    @staticmethod
+    def _timeout(conn: ServerConn, ex: Exchange, reason: str) -> None:
+        ex.timer = None
+        if ex.done:
+            return
+        up: Any = ex.upstream
+        if up is not None:
+            ex.upstream = None
+            up.abort()   # the response, if any, has nowhere to go now
+        conn.respond_error(ex, 504, reason, "UT")
