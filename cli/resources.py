@@ -319,7 +319,7 @@ def get(ctx: click.Context, home_path: Path | None, kind_name: str, names: tuple
                    err=True)
     else:
         routes = kind.name == "HTTPRoute"
-        cols = ROUTE_COLUMNS if routes else GET_COLUMNS
+        cols: tuple[Column, ...] = ROUTE_COLUMNS if routes else GET_COLUMNS
         cols = cols if ns is None else cols[1:]
         click.echo(table(cols, route_rows(items) if routes else policy_rows(items)), nl=False)
 

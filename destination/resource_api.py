@@ -7,6 +7,13 @@
 - ``GET /v1/policy?workload=W&namespace=NS[&port=P][&watch=1]``: ``{"version", "workload",
   "namespace", "policies"}``; with ``watch=1`` a new line whenever that list changes
   (same watch machinery as endpoints: a ``WatchHub`` event per namespace key).
+- ``GET /v1/profile?authority=HOST:PORT[&namespace=NS][&watch=1]``: ``{"version",
+  "authority", "service", "port", "routes"}`` where ``routes`` is the service's
+  ``core.routing.RouteTable.to_json()`` (the HTTPRoutes whose parentRef names that Service
+  and port; empty for a host that is not a mesh service). Watchers wake on any HTTPRoute
+  change (key ``route:*``: a route's parentRef may name another namespace) and get a line
+  when their table changed. HTTPRoutes get ``metadata.creationTimestamp`` when first
+  created (kept on updates): routing precedence goes by age.
 
 Only the CLI's identity (``mesh-cli.micromesh.serviceaccount.identity.<td>``) may write;
 anyone with a mesh certificate may read. The store is saved after every change, to
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +33,11 @@ from identity import ca, store as disk
 from identity.tokens import valid_name
 from microproxy.ctlhttp import Request, Response, Stream
 
-from .resources import KINDS, ResourceError, Store, kind_named, validate
+from microproxy.core.httproute import KIND as HTTPROUTE, parse_httproute
+from microproxy.core.routing import RouteTable
+
+from .registry import AuthorityError, parse_authority
+from .resources import KINDS, Resource, ResourceError, Store, kind_named, validate
 
 if TYPE_CHECKING:
     from .server import WatchHub
@@ -62,6 +74,7 @@ class ResourceAPI:
         self.hub = hub
         self.path = path
         self.writer = ca.identity_name(WRITER, "micromesh", trust_domain)
+        self.trust_domain = trust_domain
 
     def _changed(self, keys: frozenset[str]) -> None:
         if not keys:
@@ -71,6 +84,8 @@ class ResourceAPI:
                 disk.write_json(self.path, self.store.to_dict())
             except OSError as e:
                 log.error("cannot save resources to %s: %s", self.path, e)
+        if any(k.startswith("route:") for k in keys):
+            keys = keys | {ROUTES_KEY}
         self.hub.notify(keys)
 
     def _may_write(self, req: Request) -> Response | None:
@@ -85,6 +100,10 @@ class ResourceAPI:
                 if req.method != "GET":
                     return Response.error(405, "use GET")
                 return self.policy(req)
+            if req.path == "/v1/profile":
+                if req.method != "GET":
+                    return Response.error(405, "use GET")
+                return self.profile(req)
             if req.path == "/v1/resources":
                 if req.method == "GET":
                     return self.list(req)
@@ -105,7 +124,7 @@ class ResourceAPI:
             obj = req.json()
         except ValueError:
             raise ResourceError("body is not JSON") from None
-        done = self.store.apply(validate(obj))
+        done = self.store.apply(self._stamped(validate(obj)))
         if done.changed:
             meta = done.resource["metadata"]
             log.info("%s %s/%s/%s", done.result, done.resource["kind"], meta["namespace"], meta["name"])
@@ -113,6 +132,17 @@ class ResourceAPI:
         return Response.json({"result": done.result, "resource": done.resource,
                               "version": self.store.version},
                              201 if done.result == "created" else 200)
+
+    def _stamped(self, res: Resource) -> Resource:
+        """An HTTPRoute keeps the creationTimestamp of its first apply (now, when new)."""
+        if res.kind != HTTPROUTE:
+            return res
+        old = next((b for b in self.store.list(res.kind, res.namespace)
+                    if b["metadata"]["name"] == res.name), None)
+        stamp = (old or {}).get("metadata", {}).get("creationTimestamp") \
+            or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        body = {**res.body, "metadata": {**res.body["metadata"], "creationTimestamp": stamp}}
+        return Resource(res.kind, res.namespace, res.name, body)
 
     def delete(self, req: Request) -> Response:
         parts = [unquote(p) for p in req.path.split("/")[3:]]   # /v1/resources/<k>/<ns>/<name>
@@ -178,6 +208,59 @@ class ResourceAPI:
                     yield _line(snap)
         finally:
             self.hub.unsubscribe(w)
+
+
+    # --- profile (routes) for one service authority
+
+    def _profile_args(self, req: Request) -> tuple[str, str | None, int]:
+        authority = req.query.get("authority")
+        if not authority:
+            raise ResourceError("missing query parameter 'authority'")
+        try:
+            t = parse_authority(authority, req.query.get("namespace") or None, self.trust_domain)
+        except AuthorityError as e:
+            raise ResourceError(str(e)) from None
+        return (t.name or t.host), t.namespace, t.port
+
+    def profile_snapshot(self, service: str, namespace: str | None, port: int) -> dict[str, Any]:
+        routes = []
+        if namespace is not None:
+            for body in self.store.httproutes():
+                try:
+                    routes.append(parse_httproute(body))
+                except ValueError as e:   # validated when applied; never expected
+                    log.error("skipping a stored HTTPRoute that does not parse: %s", e)
+        table = RouteTable(service, namespace or "", port, routes)
+        return {"version": self.store.version,
+                "authority": f"{service}.{namespace}:{port}" if namespace else f"{service}:{port}",
+                "service": f"{service}.{namespace}" if namespace else None, "port": port,
+                "routes": table.to_json()}
+
+    def profile(self, req: Request) -> Response | Stream:
+        args = self._profile_args(req)
+        if _truthy(req.query.get("watch")):
+            return Stream(self._watch_profile(*args))
+        return Response.json(self.profile_snapshot(*args))
+
+    async def _watch_profile(self, service: str, namespace: str | None, port: int) -> AsyncIterator[bytes]:
+        w = self.hub.subscribe(ROUTES_KEY)
+        try:
+            snap = self.profile_snapshot(service, namespace, port)
+            yield _line(snap)
+            while True:
+                await w.changed.wait()
+                w.changed.clear()
+                if self.hub.closed:
+                    return
+                latest = self.profile_snapshot(service, namespace, port)
+                if latest["routes"] != snap["routes"]:
+                    snap = latest
+                    yield _line(snap)
+        finally:
+            self.hub.unsubscribe(w)
+
+
+ROUTES_KEY = "route:*"
 
 
 def _line(obj: Any) -> bytes:

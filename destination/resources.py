@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from identity.tokens import valid_name
+from microproxy.core import httproute as gateway
+from microproxy.core.fields import FieldError
 from microproxy.policy import ACTIONS
 
 GROUP = "policy.micromesh.io"
@@ -226,12 +228,32 @@ class Kind:
     api_version: str
     validate_spec: Callable[[Any, str], dict[str, Any]]
     watch_prefix: str               # watch keys are "<prefix>:<namespace>"
+    other_versions: tuple[str, ...] = ()   # also accepted, stored as api_version
+    # the whole object (after the metadata checks) -> the normalized spec; wins over validate_spec
+    validate_object: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+
+# === HTTPRoute (Gateway API; the checks are microproxy.core.httproute's) ===
+
+def _no_spec_check(spec: Any, namespace: str) -> dict[str, Any]:
+    return _mapping(spec, "spec")
+
+
+def validate_httproute(obj: dict[str, Any]) -> dict[str, Any]:
+    """Parse with ``core.httproute`` (errors name the field); the canonical spec back."""
+    try:
+        route = gateway.parse_httproute(obj)
+    except FieldError as e:
+        raise ResourceError(str(e)) from None
+    return route.to_json()["spec"]
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("AuthorizationPolicy", "authorizationpolicies",
          ("authorizationpolicy", "policy", "policies", "authz", "ap"), API_VERSION,
          validate_authorization_policy, "policy"),
+    Kind(gateway.KIND, "httproutes", ("httproute", "routes", "route", "hr"), gateway.API_VERSIONS[0],
+         _no_spec_check, "route", gateway.API_VERSIONS[1:], validate_httproute),
 )}
 
 
@@ -271,7 +293,7 @@ def validate(obj: Any) -> Resource:
     kind = KINDS.get(kind_text)
     if kind is None:
         raise _fail("kind", f"unknown kind {kind_text!r} (known: {', '.join(KINDS)})")
-    if obj.get("apiVersion") != kind.api_version:
+    if obj.get("apiVersion") != kind.api_version and obj.get("apiVersion") not in kind.other_versions:
         raise _fail("apiVersion", f"must be {kind.api_version}")
     meta = _mapping(obj.get("metadata"), "metadata")
     name = meta.get("name")
@@ -291,7 +313,12 @@ def validate(obj: Any) -> Resource:
                                                   for k, v in value.items()):
             raise _fail(f"metadata.{key}", "must map strings to strings")
         norm_meta[key] = dict(value)
-    spec = kind.validate_spec(obj.get("spec"), namespace)
+    if isinstance(meta.get("creationTimestamp"), str):   # kept: routes are ordered by age
+        norm_meta["creationTimestamp"] = meta["creationTimestamp"]
+    if kind.validate_object is not None:
+        spec = kind.validate_object({**obj, "apiVersion": kind.api_version, "metadata": norm_meta})
+    else:
+        spec = kind.validate_spec(obj.get("spec"), namespace)
     body = {"apiVersion": kind.api_version, "kind": kind.name, "metadata": norm_meta, "spec": spec}
     return Resource(kind.name, namespace, name, body)
 
@@ -355,6 +382,10 @@ class Store:
                         "targetRef": copy.deepcopy(ref), "rules": copy.deepcopy(spec["rules"]),
                         "resourceVersion": body["metadata"]["resourceVersion"]})
         return out
+
+    def httproutes(self) -> tuple[dict[str, Any], ...]:
+        """Every stored HTTPRoute (bodies, not copies: callers only read them)."""
+        return tuple(body for (kind, _, _), body in sorted(self._items.items()) if kind == gateway.KIND)
 
     # --- persistence
 

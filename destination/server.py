@@ -159,7 +159,7 @@ class Destination:
     # --- HTTP
 
     async def handle(self, req: Request) -> Response | Stream:
-        if req.path in ("/v1/policy", "/v1/resources") or req.path.startswith("/v1/resources/"):
+        if req.path in ("/v1/policy", "/v1/profile", "/v1/resources") or req.path.startswith("/v1/resources/"):
             return await self.resources.handle(req)  # AuthorizationPolicy & co: resource_api.py
         route = _ROUTES.get(req.path)
         if route is None:

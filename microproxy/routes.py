@@ -112,9 +112,10 @@ class RouteRouter:
         if backend is None:
             conn.respond_error(ex, 500, f"route {route.name}: every backend has weight 0", "NR")
             return
-        if backend.name == prof.table.service and backend.namespace == prof.namespace \
-                and backend.port == prof.port:   # type: ignore[union-attr]
-            auth = ex.authority
+        table = prof.table
+        if table is not None and backend.name == table.service \
+                and backend.namespace == table.namespace and backend.port == table.port:
+            auth = ex.authority   # the parent service itself: the caller's authority
         else:
             auth = f"{backend.name}.{backend.namespace}:{backend.port}"
         extra: list[tuple[bytes, bytes]] = []
