@@ -612,10 +612,12 @@ class WorkloadSpec:
     service_port: int | None = None         # default: the first replica's, else port
     cwd: str = field(default_factory=os.getcwd)
     default_inbound_policy: str | None = None   # MESH_DEFAULT_INBOUND_POLICY; None: the proxy's
+    service: str | None = None              # a shared service (`--service`); default: the name
 
     def validate(self) -> None:
         for what, value in (("name", self.name), ("namespace", self.namespace),
-                            ("service account", self.service_account or self.name)):
+                            ("service account", self.service_account or self.name),
+                            ("service", self.service or self.name)):
             if not tokens.valid_name(value):
                 raise MeshError(f"invalid {what} {value!r}: want {NAME_HELP}")
         for what, port in (("--port", self.port), ("--service-port", self.service_port)):
@@ -623,6 +625,8 @@ class WorkloadSpec:
                 raise MeshError(f"invalid {what} {port}: want 1-65535")
         if self.service_port is not None and self.port is None:
             raise MeshError("--service-port needs --port (a client-only workload has no service)")
+        if self.service is not None and self.port is None:
+            raise MeshError("--service needs --port (a client-only workload has no service)")
         if not self.cmd:
             raise MeshError("no command: give the app's command after `--`")
         if self.default_inbound_policy not in (None, *INBOUND_POLICIES):
@@ -643,6 +647,7 @@ class Launch:
     service_port: int | None
     note: str = ""          # e.g. why the app port differs from --port
     default_inbound_policy: str | None = None
+    service: str = ""       # the shared service (`--service`); "" = the name
 
     @property
     def identity(self) -> str:
@@ -659,6 +664,8 @@ class Launch:
             out += ["--service-port", str(self.service_port)]
         if self.default_inbound_policy is not None:
             out += ["--default-inbound-policy", self.default_inbound_policy]
+        if self.service and self.service != self.name:
+            out += ["--service", self.service]
         return out + ["--", *self.cmd]
 
 
@@ -708,7 +715,9 @@ def plan(home: MeshHome, spec: WorkloadSpec) -> Launch:
     replica, the app gets a free port instead (apps read it from $PORT)."""
     spec.validate()
     live = [w for w in list_workloads(home, probe=False) if w["alive"]]
-    siblings = [w for w in live if w.get("name") == spec.name and w.get("namespace") == spec.namespace]
+    service = spec.service or spec.name   # replicas of a service: the same name or --service
+    siblings = [w for w in live if service in (w.get("service"), w.get("name"))
+                and w.get("namespace") == spec.namespace]
     service_port = spec.service_port
     if service_port is None and spec.port is not None:
         service_port = next((w["service_port"] for w in siblings if w.get("service_port")), spec.port)
@@ -724,7 +733,8 @@ def plan(home: MeshHome, spec: WorkloadSpec) -> Launch:
                   service_account=spec.service_account or spec.name,
                   instance=new_instance(home, spec.name), cmd=tuple(spec.cmd), cwd=spec.cwd,
                   app_port=app_port, service_port=service_port, note=note,
-                  default_inbound_policy=spec.default_inbound_policy)
+                  default_inbound_policy=spec.default_inbound_policy,
+                  service="" if service == spec.name else service)
 
 
 def demo_port(home: MeshHome, service_port: int) -> int:

@@ -16,24 +16,15 @@ import click
 from identity import tokens
 from identity.store import MeshHome
 
+from .options import home_of, home_option
 from . import local, observe, render
 from . import resources as resources_cli  # apply, delete, get, authz
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _home_option(f: F) -> F:
-    return click.option(
-        "--home", "home_path", type=click.Path(file_okay=False, path_type=Path), default=None,
-        help="The mesh home (default: $MESH_HOME, else ~/.micromesh).")(f)
-
-
-def _home(ctx: click.Context, home_path: Path | None) -> MeshHome:
-    """A subcommand's --home wins over the group's, which wins over $MESH_HOME."""
-    if home_path is not None:
-        return MeshHome(home_path.expanduser())
-    parent = ctx.find_object(MeshHome)
-    return parent if parent is not None else MeshHome()
+_home_option = home_option   # shared with every verb (cli/options.py)
+_home = home_of
 
 
 def _fail(e: local.MeshError) -> click.ClickException:
@@ -125,6 +116,9 @@ def _name(_ctx: click.Context, param: click.Parameter, value: str | None) -> str
               help="The app's port (it gets $PORT). Omit for a client-only workload.")
 @click.option("--service-port", type=click.IntRange(1, 65535), default=None,
               help="The service port peers call (default: the first replica's --port).")
+@click.option("--service", default=None, callback=_name,
+              help="Also put the workload behind this shared service (like a Kubernetes Service "
+                   "selecting several workloads); its own name stays resolvable too.")
 @click.option("--detach", "-d", is_flag=True, help="Run in the background; return once ready.")
 @click.option("--default-inbound-policy", type=click.Choice(local.INBOUND_POLICIES), default=None,
               help="What the proxy allows when no ALLOW policy targets the workload "
@@ -135,7 +129,8 @@ def _name(_ctx: click.Context, param: click.Parameter, value: str | None) -> str
 @click.pass_context
 def run(ctx: click.Context, home_path: Path | None, name: str, namespace: str,
         service_account: str | None, port: int | None, service_port: int | None, detach: bool,
-        timeout: float, cmd: tuple[str, ...], default_inbound_policy: str | None = None) -> None:
+        timeout: float, cmd: tuple[str, ...], default_inbound_policy: str | None = None,
+        service: str | None = None) -> None:
     """Run CMD as a meshed workload: the app plus its sidecar proxy.
 
     The app gets http_proxy/HTTP_PROXY pointing at its proxy, so plain HTTP clients
@@ -145,7 +140,7 @@ def run(ctx: click.Context, home_path: Path | None, name: str, namespace: str,
     home = _home(ctx, home_path)
     spec = local.WorkloadSpec(name=name, cmd=tuple(cmd), namespace=namespace,
                               service_account=service_account, port=port, service_port=service_port,
-                              default_inbound_policy=default_inbound_policy)
+                              default_inbound_policy=default_inbound_policy, service=service)
     try:
         spec.validate()
     except local.MeshError as e:
@@ -162,7 +157,7 @@ def run(ctx: click.Context, home_path: Path | None, name: str, namespace: str,
         raise _fail(e) from None
     click.echo(f"{rec['instance']} ready: app pid {rec['pid']}, proxy pid {rec['proxy_pid']}, "
                f"identity {rec['identity']}")
-    urls = local.service_urls(rec["name"], rec["namespace"], rec.get("service_port"))
+    urls = local.service_urls(rec.get("service") or rec["name"], rec["namespace"], rec.get("service_port"))
     if urls:
         click.echo("reachable as " + ", ".join(urls))
     click.echo(f"logs: {rec['logs']['app']} (app), {rec['logs']['proxy']} (proxy)")
@@ -172,12 +167,13 @@ def run(ctx: click.Context, home_path: Path | None, name: str, namespace: str,
 
 def _ps_row(rec: dict[str, Any]) -> dict[str, Any]:
     row = dict(rec)
+    row["service"] = rec.get("service") or (rec.get("name") if rec.get("app_port") else None)
     if not rec.get("alive"):
         row["ready"] = "dead"
     return row
 
 
-PS_FIELDS = ("name", "namespace", "instance", "identity", "service_account", "ready", "alive",
+PS_FIELDS = ("name", "namespace", "service", "instance", "identity", "service_account", "ready", "alive",
              "pid", "proxy_pid", "supervisor_pid", "app_port", "service_port", "inbound_port",
              "outbound_port", "admin_port", "detached", "started", "cmd", "logs")
 

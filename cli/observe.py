@@ -19,6 +19,7 @@ import click
 from identity import ca
 from identity.store import MeshHome
 
+from .options import home_of, home_option
 from . import diagnostics as diag
 from . import edges as edges_mod
 from . import local, stat_prometheus, stat_render, targets
@@ -30,17 +31,8 @@ from .targets import AUTHORITY, DEPLOY, NS, POD, Target, TargetError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _home_option(f: F) -> F:   # the same --home as every other verb (cli/main.py)
-    return click.option(
-        "--home", "home_path", type=click.Path(file_okay=False, path_type=Path), default=None,
-        help="The mesh home (default: $MESH_HOME, else ~/.micromesh).")(f)
-
-
-def _home(ctx: click.Context, home_path: Path | None) -> MeshHome:
-    if home_path is not None:
-        return MeshHome(home_path.expanduser())
-    parent = ctx.find_object(MeshHome)
-    return parent if parent is not None else MeshHome()
+_home_option = home_option   # shared with every verb (cli/options.py)
+_home = home_of
 
 
 def _note(text: str) -> None:

@@ -43,6 +43,7 @@ def table(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]]) -> str:
 WORKLOAD_COLUMNS = (
     Column("NAME", "name"),
     Column("NAMESPACE", "namespace"),
+    Column("SERVICE", "service"),
     Column("INSTANCE", "instance"),
     Column("READY", "ready"),
     Column("PID", "pid"),

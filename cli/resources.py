@@ -29,6 +29,7 @@ from identity.tokens import valid_name
 from microproxy.ctlhttp import Client
 from microproxy.policy import DEFAULT_MODE
 
+from .options import home_of, home_option
 from . import local
 from .render import Column, table
 
@@ -39,17 +40,8 @@ AUTHZ_METRICS = ("inbound_http_authz_allow_total", "inbound_http_authz_deny_tota
                  "inbound_tcp_authz_allow_total", "inbound_tcp_authz_deny_total")
 
 
-def _home_option(f: F) -> F:   # the same --home as every other verb (cli/main.py)
-    return click.option(
-        "--home", "home_path", type=click.Path(file_okay=False, path_type=Path), default=None,
-        help="The mesh home (default: $MESH_HOME, else ~/.micromesh).")(f)
-
-
-def _home(ctx: click.Context, home_path: Path | None) -> MeshHome:
-    if home_path is not None:
-        return MeshHome(home_path.expanduser())
-    parent = ctx.find_object(MeshHome)
-    return parent if parent is not None else MeshHome()
+_home_option = home_option   # shared with every verb (cli/options.py)
+_home = home_of
 
 
 # === reading files ===

@@ -107,6 +107,7 @@ class Supervisor:
         self.ports_file = local.run_dir(home) / f"{launch.instance}-proxy.json"
         self.record: dict[str, Any] = {
             "name": launch.name, "namespace": launch.namespace,
+            "service": (launch.service or launch.name) if launch.app_port is not None else None,
             "service_account": launch.service_account, "identity": launch.identity,
             "instance": launch.instance, "pid": None, "app_start": None,
             "proxy_pid": None, "proxy_start": None,
@@ -172,6 +173,8 @@ class Supervisor:
         if launch.app_port is not None:
             env["MESH_APP_PORT"] = str(launch.app_port)
             env["MESH_SERVICE_PORT"] = str(launch.service_port or launch.app_port)
+            if launch.service and launch.service != launch.name:
+                env["MESH_SERVICE"] = launch.service
         if launch.default_inbound_policy is not None:
             env["MESH_DEFAULT_INBOUND_POLICY"] = launch.default_inbound_policy
         return env
@@ -368,13 +371,15 @@ def parse_args(argv: list[str]) -> tuple[MeshHome, Launch, bool, float]:
     p.add_argument("--port", type=int)
     p.add_argument("--service-port", type=int)
     p.add_argument("--default-inbound-policy")
+    p.add_argument("--service", default="")
     p.add_argument("--detached", action="store_true")
     p.add_argument("--timeout", type=float, default=READY_TIMEOUT)
     p.add_argument("cmd", nargs="+")
     a = p.parse_args(argv)
     launch = Launch(name=a.name, namespace=a.namespace, service_account=a.service_account or a.name,
                     instance=a.instance, cmd=tuple(a.cmd), cwd=a.cwd, app_port=a.port,
-                    service_port=a.service_port, default_inbound_policy=a.default_inbound_policy)
+                    service_port=a.service_port, default_inbound_policy=a.default_inbound_policy,
+                    service=a.service)
     return MeshHome(Path(a.home)), launch, a.detached, a.timeout
 
 

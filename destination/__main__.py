@@ -14,6 +14,7 @@ from identity.server import (SetupError, control_plane_args, load_issuer, run_un
 from identity.store import MeshHome
 
 from .server import DEFAULT_LEASE_TTL, Destination, Settings, load_registry
+from . import webhook
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "endpoint discovery (mTLS required).")
     parser.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL,
                         help="seconds a registration lives without renewal (default 3)")
+    webhook.add_args(parser)   # --webhook-port/-cert/-key: POST /v1/inject (destination/webhook.py)
     args = parser.parse_args(argv)
     if args.lease_ttl <= 0:
         parser.error("--lease-ttl must be positive")
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         # Follows the CA files (issuer/anchor rotation): serving cert and client trust.
         reloader = Reloader(home, ca.identity_name("destination", "micromesh", args.trust_domain),
                             require_client_cert=True, clock=wall_clock)
+        webhook_tasks = webhook.from_args(args, home)
     except (SetupError, OSError, ValueError) as e:
         parser.exit(2, f"destination: error: {e}\n")
     settings = Settings(lease_ttl=args.lease_ttl, state_path=home.destination_state)
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     dest = Destination(registry, settings, clock=time.monotonic, sleep=asyncio.sleep)
     try:
         uvloop.run(run_until_signalled(dest.handle, args.host, args.port, reloader.context,
-                                       args.ports_file, background=[dest.reap_forever, reloader.watch],
+                                       args.ports_file, background=[dest.reap_forever, reloader.watch, *webhook_tasks],
                                        on_stop=dest.close))
     except OSError as e:  # e.g. the port is taken
         parser.exit(1, f"destination: error: {e}\n")

@@ -7,6 +7,10 @@ Theory of operation
   at ``now + ttl``. Re-registering the same instance with the same data only renews the
   lease (no change, no new version). An instance belongs to the identity that first
   registered it: nobody else may re-register or deregister it.
+- A replica may name a shared ``service`` (``mesh run --service``, like a Kubernetes Service
+  selecting several workloads); it is then an endpoint of that service *and* of its own
+  workload name (both resolvable; the endpoint's ``workload`` label stays its own name).
+  Without ``service`` the two are the same.
 - A service's port is fixed by the first registration that finds it without endpoints
   (``service_port`` or, when null, ``app_port``). Later replicas join with that same port
   whatever they ask for. A service whose last endpoint went away stays known
@@ -167,10 +171,19 @@ class Registration:
     app_port: int
     service_port: int | None
     service_account: str
+    service_name: str = ""    # the shared service (``mesh run --service``); "" = the name
 
     @property
     def service(self) -> str:
-        return f"{self.name}.{self.namespace}"
+        """The key of the service this replica registers under (``"name.ns"``)."""
+        return f"{self.service_name or self.name}.{self.namespace}"
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """Every service key the replica is an endpoint of: the shared service and, when it
+        differs, the workload's own name (so ``books-v1.ns`` stays resolvable too)."""
+        own = f"{self.name}.{self.namespace}"
+        return (self.service,) if self.service == own else (self.service, own)
 
     @classmethod
     def from_json(cls, obj: Any, trust_domain: str = ca.DEFAULT_TRUST_DOMAIN) -> "Registration":
@@ -195,6 +208,9 @@ class Registration:
         except ValueError:
             raise RegistryError("field 'identity' is not a mesh identity") from None
         service_account = _field(obj, "service_account", str, optional=True) or sa
+        service_name = _field(obj, "service", str, optional=True) or name
+        if not valid_name(service_name):
+            raise RegistryError("field 'service' must be a DNS-1123 label")
         if not valid_name(service_account):
             raise RegistryError("field 'service_account' must be a DNS-1123 label")
         if (sa, id_ns, id_td) != (service_account, namespace, trust_domain):
@@ -202,12 +218,13 @@ class Registration:
                             f"of namespace {namespace!r} in trust domain {trust_domain!r}")
         assert app_port is not None
         return cls(instance, name, namespace, identity, address, app_port, service_port,
-                   service_account)
+                   service_account, "" if service_name == name else service_name)
 
     def to_json(self) -> dict[str, Any]:
         return {"instance": self.instance, "name": self.name, "namespace": self.namespace,
                 "identity": self.identity, "address": self.address, "app_port": self.app_port,
-                "service_port": self.service_port, "service_account": self.service_account}
+                "service_port": self.service_port, "service_account": self.service_account,
+                **({"service": self.service_name} if self.service_name else {})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,11 +268,25 @@ class Registry:
                 self._services[key].version = self.version
         return frozenset(keys)
 
-    def _drop(self, instance: str) -> str:
+    def _drop(self, instance: str) -> set[str]:
         lease = self._leases.pop(instance)
-        key = lease.reg.service
-        self._services[key].instances.discard(instance)
-        return key
+        for key in lease.reg.services:
+            self._services[key].instances.discard(instance)
+        return set(lease.reg.services)
+
+    def _join(self, reg: Registration, key: str, name: str) -> _Service:
+        want = reg.service_port or reg.app_port
+        svc = self._services.get(key)
+        if svc is None:
+            svc = self._services[key] = _Service(name, reg.namespace, want, self.version)
+        elif not svc.instances:
+            svc.port = want  # no live endpoints: this registration fixes the port afresh
+        svc.instances.add(reg.instance)
+        return svc
+
+    def service_of(self, instance: str) -> str | None:
+        lease = self._leases.get(instance)
+        return lease.reg.service if lease is not None else None
 
     def register(self, reg: Registration, now: float, ttl: float) -> Registered:
         """Add a replica, or renew its lease. Raises Forbidden if another identity owns it."""
@@ -267,16 +298,12 @@ class Registry:
             return Registered(reg.service, self._services[reg.service].port, frozenset())
         changed: set[str] = set()
         if old is not None:
-            changed.add(self._drop(reg.instance))
-        want = reg.service_port or reg.app_port
-        svc = self._services.get(reg.service)
-        if svc is None:
-            svc = self._services[reg.service] = _Service(reg.name, reg.namespace, want, self.version)
-        elif not svc.instances:
-            svc.port = want  # no live endpoints: this registration fixes the port afresh
-        svc.instances.add(reg.instance)
+            changed |= self._drop(reg.instance)
+        svc = self._join(reg, reg.service, reg.service_name or reg.name)
+        if len(reg.services) > 1:   # also an endpoint of the workload's own name
+            self._join(reg, reg.services[1], reg.name)
         self._leases[reg.instance] = _Lease(reg, now + ttl)
-        changed.add(reg.service)
+        changed.update(reg.services)
         return Registered(reg.service, svc.port, self._bump(changed))
 
     def deregister(self, instance: str, identity: str | None) -> frozenset[str]:
@@ -286,12 +313,12 @@ class Registry:
             raise NotFound(f"no instance {instance!r}")
         if identity is not None and lease.reg.identity != identity:
             raise Forbidden(f"instance {instance!r} belongs to another identity")
-        return self._bump({self._drop(instance)})
+        return self._bump(self._drop(instance))
 
     def expire(self, now: float) -> frozenset[str]:
         """Drop every replica whose lease ran out by ``now``."""
         gone = [i for i, lease in self._leases.items() if lease.expires <= now]
-        return self._bump({self._drop(i) for i in gone})
+        return self._bump(set().union(*(self._drop(i) for i in gone)))
 
     def next_expiry(self) -> float | None:
         return min((lease.expires for lease in self._leases.values()), default=None)
@@ -367,11 +394,12 @@ class Registry:
                 reg._services[f"{name}.{ns}"] = _Service(name, ns, port, min(version, reg.version))
             for w in data["workloads"]:
                 r = Registration.from_json(w, trust_domain)
-                svc = reg._services.get(r.service)
-                if svc is None:
-                    svc = reg._services[r.service] = _Service(
-                        r.name, r.namespace, r.service_port or r.app_port, reg.version)
-                svc.instances.add(r.instance)
+                for key, name in zip(r.services, (r.service_name or r.name, r.name)):
+                    svc = reg._services.get(key)
+                    if svc is None:
+                        svc = reg._services[key] = _Service(
+                            name, r.namespace, r.service_port or r.app_port, reg.version)
+                    svc.instances.add(r.instance)
                 reg._leases[r.instance] = _Lease(r, now + lease)
         except (AttributeError, KeyError, TypeError) as e:
             raise ValueError(f"malformed registry state: {e!r}") from None

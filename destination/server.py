@@ -194,10 +194,11 @@ class Destination:
         instance = _body(req).get("instance")
         if not isinstance(instance, str) or not instance:
             raise RegistryError("field 'instance' must be a string")
+        service = self.registry.service_of(instance)
         changed = self.registry.deregister(instance, req.peer_identity)
-        log.info("deregistered %s from %s", instance, ", ".join(changed))
+        log.info("deregistered %s from %s", instance, ", ".join(sorted(changed)))
         self._changed(changed)
-        return Response.json({"ok": True, "instance": instance, "service": next(iter(changed))})
+        return Response.json({"ok": True, "instance": instance, "service": service})
 
     async def workloads(self, req: Request) -> Response:
         return Response.json(self.registry.workloads(self.clock()))

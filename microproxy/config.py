@@ -13,6 +13,7 @@ Environment (all optional unless marked):
 | MESH_SERVICE_ACCOUNT | workload | service account |
 | MESH_TRUST_DOMAIN | `cluster.local` | trust domain |
 | MESH_APP_PORT | none | the app's port on 127.0.0.1; none = client-only workload |
+| MESH_SERVICE | workload | the shared service to register under (local mode; `mesh run --service`) |
 | MESH_SERVICE_PORT | app port | the service port to register (local mode) |
 | MESH_REGISTER | `1` | register this workload with destination (local mode) |
 | MESH_INSTANCE | `<workload>-<pid>` | replica id (the "pod" label) |
@@ -87,6 +88,7 @@ class Config:
     trust_domain: str = "cluster.local"
     app_port: int | None = None
     service_port: int | None = None
+    service: str = ""                 # the shared service (local mode); "" = the workload's name
     register: bool = True
     instance: str = "app-0"
     outbound_addr: tuple[str, int] = ("127.0.0.1", 4140)
@@ -146,6 +148,7 @@ class Config:
             trust_domain=td,
             app_port=app_port,
             service_port=svc_port,
+            service=env.get("MESH_SERVICE") or "",
             register=env.get("MESH_REGISTER", "1") not in ("0", "false", "no"),
             instance=env.get("MESH_INSTANCE") or f"{workload}-{os.getpid()}",
             outbound_addr=split_addr(env.get("MESH_OUTBOUND_ADDR", "127.0.0.1:4140")),

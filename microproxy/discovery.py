@@ -186,7 +186,8 @@ class Discovery:
         return {"name": cfg.workload, "namespace": cfg.namespace, "identity": cfg.identity,
                 "service_account": cfg.service_account,
                 "address": f"{cfg.advertise_host}:{inbound_port}", "app_port": cfg.app_port,
-                "service_port": cfg.service_port, "instance": cfg.instance}
+                "service_port": cfg.service_port, "instance": cfg.instance,
+                **({"service": cfg.service} if cfg.service else {})}
 
     async def app_listening(self) -> None:
         """Wait until the app's port accepts connections."""

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
+from .core.routing import modify_headers
 from .metrics import labels
 from .observe import TapHub
 from .tls import peer_identity
@@ -57,6 +58,9 @@ REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found"
            408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
            500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
            503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported"}
+
+
+FRAMING = frozenset((b"content-length", b"transfer-encoding"))
 
 
 class Reject(Exception):
@@ -141,7 +145,7 @@ class Exchange:
                  "length", "body", "body_buffered", "body_done", "upstream", "start",
                  "status", "resp_started", "done", "metric_key", "authority", "flag", "attempts",
                  "body_sent", "wire_head", "endpoint", "resp_at", "tap", "resp_bytes", "span",
-                 "route", "timer", "backend_timeout", "on_finish", "rs")
+                 "route", "timer", "backend_timeout", "on_finish", "rs", "tee")
 
     def __init__(self, method: bytes, target: bytes, version: str,
                  headers: list[tuple[bytes, bytes]], host: bytes | None, keep_alive: bool,
@@ -178,6 +182,7 @@ class Exchange:
         self.backend_timeout: float | None = None   # per attempt (timeouts.backendRequest), seconds
         self.on_finish: Any = None    # (ex) -> None, called once when the exchange ends
         self.rs: Any = None           # outbound: resilience.ReqState (attempts, retries, admission)
+        self.tee: Any = None          # outbound: a mirror.Tee copying the request body for mirrors
 
     def head(self, target: bytes, host: bytes | None, extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
              drop: frozenset[bytes] = frozenset()) -> bytes:
@@ -279,6 +284,10 @@ class ServerConn(asyncio.Protocol):
         self.queue.clear()
 
     def data_received(self, data: bytes) -> None:
+        if not self.read_bytes and data[:3] == b"PRI":   # the first bytes only: HTTP/2 preface?
+            from .h2proxy import take_over               # lazy: h2 only when HTTP/2 shows up
+            if take_over(self, data):
+                return
         self.read_bytes += len(data)
         self.last_active = self.loop.time()
         if self.tunnel_peer is not None:
@@ -386,6 +395,8 @@ class ServerConn(asyncio.Protocol):
             return
         if ex.chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
+        if ex.tee is not None:
+            ex.tee.feed(ex, data)
         up = ex.upstream
         if up is not None and ex.body_sent:
             up.write(data)
@@ -405,6 +416,8 @@ class ServerConn(asyncio.Protocol):
                 ex.upstream.write(b"0\r\n\r\n")
             else:
                 ex.body.append(b"0\r\n\r\n")
+        if ex.tee is not None:
+            ex.tee.done(ex, b"0\r\n\r\n" if ex.chunked else b"")
         if ex.upstream is not None and ex.done is False:
             ex.upstream.request_complete()
 
@@ -710,6 +723,11 @@ class UpstreamConn(asyncio.Protocol):
             else:
                 self.close()
             return
+        route = ex.route
+        if route is not None and route.response_headers is not None and not informational:
+            # ResponseHeaderModifier; the framing headers are the upstream's, never modified
+            headers = modify_headers(route.response_headers, [h for h in headers if h[0] not in FRAMING]) \
+                + [h for h in headers if h[0] in FRAMING]
         parts = [b"HTTP/1.1 %d " % status, self.reason or REASONS.get(status, b"Unknown"), b"\r\n"]
         for name, value in headers:
             if name in HOP_BY_HOP or name in conn_tokens:

@@ -73,6 +73,12 @@ class Metrics:
         r.count += 1
         r.sum += latency_ms
 
+    def response_grpc(self, key: str, status: int, grpc_status: int | None, failure: bool,
+                      latency_ms: float) -> None:
+        """A gRPC response: its ``grpc_status`` (empty when missing) is a label too."""
+        gs = f'grpc_status="{"" if grpc_status is None else grpc_status}"'
+        self.response(f"{key},{gs}" if key else gs, status, failure, latency_ms)
+
     # --- TCP (per accepted connection, keyed by its label string)
     def tcp_opened(self, key: str) -> None:
         self.tcp_open[key] = self.tcp_open.get(key, 0) + 1

@@ -1,9 +1,11 @@
 """RequestMirror: fire-and-forget copies of requests to a mirror service.
 
 - ``Mirrors.send(ex, authority, head)`` is called by the outbound router for each request a
-  route's ``RequestMirror`` filter selects. Only requests without a body are copied (a body
-  is streamed to the real backend and never held whole); others are counted in
-  ``mirror_skipped_total``.
+  route's ``RequestMirror`` filter selects. A request without a body is copied at once. A
+  request with a body is copied once its body is complete, if it is at most ``MAX_BODY``
+  (64 KiB): a ``Tee`` on the exchange (``ex.tee``) keeps a copy of the framed body bytes as
+  they stream to the real backend (which is never held back); a larger body abandons the copy
+  (``mirror_skipped_total``), and so does a request the client gives up before its end.
 - At most ``MAX_IN_FLIGHT`` copies are in flight per proxy; beyond that a copy is dropped
   and counted in ``mirror_dropped_total``. Each copy has ``MIRROR_TIMEOUT`` seconds in all
   (endpoint lookup, connect, response); a slow or failing mirror only costs its own task.
@@ -31,6 +33,34 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 100
 MIRROR_TIMEOUT = 5.0
 MAX_IDLE = 16
+MAX_BODY = 64 * 1024
+
+
+class Tee:
+    """The copies of one request waiting for its body: (authority, head, metric key)."""
+
+    __slots__ = ("mirrors", "copies", "parts", "size")
+
+    def __init__(self, mirrors: "Mirrors", first: bytes) -> None:
+        self.mirrors = mirrors
+        self.copies: list[tuple[str, bytes, str]] = []
+        self.parts = [first] if first else []
+        self.size = len(first)
+
+    def feed(self, ex: Any, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_BODY:
+            ex.tee = None
+            for _, _, key in self.copies:
+                self.mirrors.proxy.metrics.inc("mirror_skipped_total", key)
+            return
+        self.parts.append(data)
+
+    def done(self, ex: Any, trailer: bytes) -> None:
+        ex.tee = None
+        body = b"".join(self.parts) + trailer
+        for authority, head, key in self.copies:
+            self.mirrors._launch(authority, head + body, key)
 
 
 class MirrorConn(asyncio.Protocol):
@@ -93,8 +123,24 @@ class Mirrors:
                 self.keys.clear()
             key = self.keys[authority] = labels(dst=authority)
         if ex.chunked or ex.length:
-            metrics.inc("mirror_skipped_total", key)
+            if (ex.length or 0) > MAX_BODY:
+                metrics.inc("mirror_skipped_total", key)
+                return
+            if ex.body_done:   # the whole body is already here (not sent yet: routing comes first)
+                self._launch(authority, head + b"".join(ex.body), key)
+                return
+            if ex.tee is None:
+                ex.tee = Tee(self, b"".join(ex.body))
+                if ex.tee.size > MAX_BODY:
+                    ex.tee = None
+                    metrics.inc("mirror_skipped_total", key)
+                    return
+            ex.tee.copies.append((authority, head, key))
             return
+        self._launch(authority, head, key)
+
+    def _launch(self, authority: str, head: bytes, key: str) -> None:
+        metrics = self.proxy.metrics
         if self.in_flight >= MAX_IN_FLIGHT:
             metrics.inc("mirror_dropped_total", key)
             return

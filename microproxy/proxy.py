@@ -231,6 +231,7 @@ class Outbound:
             conn.respond_error(ex, 503, resilience.CIRCUIT_OPEN, "UO")
             return
         st.begin(ep.lb, resilience.monotonic())
+        st.arm(ex)   # the per-try timeout, when the route has one and a retry policy
         ex.endpoint = ep
         ex.metric_key = ep.metric_key
         proxy = self.proxy
@@ -254,6 +255,7 @@ class Outbound:
 
     async def _connect_then_attach(self, conn: ServerConn, ex: Exchange, pool: Pool) -> None:
         st = ex.rs
+        gen = st.gen if st is not None else 0
         adm = st.svc.admission if st is not None else None
         if adm is not None:
             verdict = adm.connect()
@@ -266,6 +268,8 @@ class Outbound:
             if adm is not None:
                 adm.connection_done()
             reason = f"connect to {ex.endpoint.addr[0]}:{ex.endpoint.addr[1]} failed: {type(e).__name__}"
+            if st is not None and st.gen != gen:
+                return   # that attempt was cut by its per-try timeout and is being retried
             if st is not None:
                 st.on_failure(ex, conn, 502, reason, "UF")
             else:
@@ -273,7 +277,7 @@ class Outbound:
             return
         if adm is not None:
             up.on_close = adm.connection_done
-        if ex.done:
+        if ex.done or st is not None and st.gen != gen:
             pool.release(up)
             return
         up.attach(ex, conn, ex.wire_head)
@@ -464,6 +468,7 @@ class Proxy:
                               server_hostname=self.cfg.destination_name, timeout=5.0)
 
     def set_creds(self, creds: Credentials) -> None:
+        creds.server_ctx.set_alpn_protocols(["h2", "http/1.1"])   # inbound: ALPN h2 -> h2proxy
         self.creds = creds
         self.metrics.set_gauge("identity_cert_expiration_timestamp_seconds", "", creds.valid_until)
         self.metrics.inc("identity_cert_refresh_total")

@@ -19,6 +19,11 @@ Theory of operation
   drains (or closes) that response and the request is sent again ``after`` seconds later
   to a newly picked endpoint. When retries are exhausted the last response is forwarded
   and the access log gets flag ``URX``.
+- Per-try timeout: with a retry policy, ``arm`` starts a timer per attempt
+  (``timeouts.backendRequest`` / ``retry.linkerd.io/timeout``, the shorter); on expiry the
+  attempt is aborted and ``decide(timeout=TRY_TIMEOUT)`` retries it or the caller gets 504
+  (flag ``UT``). ``gen`` numbers the attempts so a connect that completes for an abandoned
+  attempt is released instead of used.
 
 Configuration (environment of the client proxy; read once):
 
@@ -38,6 +43,7 @@ from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
 
 from .core import balance, breaker, retry
+from .core.fields import render_duration
 from .core.routing import DEFAULT_NAME
 from .metrics import labels
 from .observe import Window
@@ -153,7 +159,7 @@ ROUTES = RouteStats()
 
 class ReqState:
     __slots__ = ("out", "conn", "res", "svc", "lb", "t0", "retries", "body", "policy",
-                 "route_key", "admitted")
+                 "route_key", "admitted", "gen", "try_timer")
 
     def __init__(self, out: Any, conn: "ServerConn", res: Any, svc: Service,
                  policy: retry.RetryPolicy | None, route_key: str) -> None:
@@ -165,11 +171,55 @@ class ReqState:
         self.policy = policy
         self.route_key = route_key
         self.admitted = True
+        self.gen = 0                              # attempt number: a late connect of an old one is dropped
+        self.try_timer: Any = None                # the per-try timeout of the attempt in flight
 
     # --- attempts
     def begin(self, lb: balance.Endpoint, now: float) -> None:
         self.lb, self.t0 = lb, now
+        self.gen += 1
         lb.begin(now)
+
+    def arm(self, ex: "Exchange") -> None:
+        """Start the per-try timeout of the attempt just begun: with a retry policy, the
+        route's ``timeouts.backendRequest`` and/or ``retry.linkerd.io/timeout`` (the shorter)."""
+        if self.policy is None:
+            return
+        tries = [t for t in (ex.backend_timeout, self.policy.timeout) if t]
+        if not tries:
+            return
+        secs = min(tries)
+        what = "timeouts.backendRequest" if secs == ex.backend_timeout else "retry.linkerd.io/timeout"
+        self._disarm()
+        self.try_timer = self.out.proxy.loop.call_later(
+            secs, self._try_timeout, ex, self.gen, f"request timeout ({what} {render_duration(secs)})")
+
+    def _disarm(self) -> None:
+        t = self.try_timer
+        if t is not None:
+            self.try_timer = None
+            t.cancel()
+
+    def _try_timeout(self, ex: "Exchange", gen: int, reason: str) -> None:
+        self.try_timer = None
+        if ex.done or gen != self.gen or ex.resp_started:
+            return
+        up: Any = ex.upstream
+        if up is not None:
+            ex.upstream = None
+            up.abort()   # that attempt's response, if any, has nowhere to go now
+        now = monotonic()
+        self._end(None, now)
+        d = retry.decide(self.policy, self.svc.budget, retries=self.retries, status=None,
+                         body_len=self.body_len(ex), now=now, rand=random.random(),
+                         timeout=retry.TRY_TIMEOUT)
+        if d is retry.BUDGET:
+            self.out.proxy.metrics.inc("retry_budget_exhausted_total", self.route_key)
+        if isinstance(d, retry.Retry):
+            self.gen += 1   # a connect still in progress belongs to the abandoned attempt
+            self._schedule(ex, d.after)
+            return
+        self.conn.respond_error(ex, 504, reason, "URX,UT" if self.retries else "UT")
 
     def restart(self) -> None:
         """The same endpoint again (a stale pooled connection): not a new attempt."""
@@ -179,6 +229,7 @@ class ReqState:
             lb.begin(monotonic())
 
     def _end(self, status: int | None, now: float) -> bool:
+        self._disarm()
         failed = breaker.is_failure(status)
         lb = self.lb
         if lb is not None:
@@ -242,6 +293,7 @@ class ReqState:
 
     # --- the end of the logical request
     def finish(self, ex: "Exchange") -> None:
+        self._disarm()
         lb = self.lb
         if lb is not None:
             self.lb = None

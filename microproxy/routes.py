@@ -12,8 +12,10 @@ Per request, for a service with HTTPRoutes (``Outbound.dispatch`` calls ``route`
    all -> 500. ``RequestHeaderModifier`` is applied to the forwarded head.
 4. Each ``RequestMirror`` selected by its percent gets a fire-and-forget copy (mirror.py).
 5. Timeouts: ``timeouts.request`` bounds the whole request (retries included);
-   ``timeouts.backendRequest`` is set on ``ex.backend_timeout`` for the per-attempt logic,
-   and when the route has no retry policy it also bounds the request here (one attempt).
+   ``timeouts.backendRequest`` is set on ``ex.backend_timeout``: with a retry policy it is
+   the per-try timeout (``resilience.ReqState.arm``: a cut try is retried); without one it
+   bounds the request here (one attempt). ``ResponseHeaderModifier`` is applied by
+   ``http1.UpstreamConn`` to the response head (``ex.route.response_headers``).
    On expiry: the upstream is aborted and the caller gets 504 with
    ``x-mesh-proxy-error: request timeout (...)`` and flag ``UT``. The timer is cancelled
    when the exchange ends (``ex.on_finish``).

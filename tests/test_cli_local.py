@@ -210,7 +210,7 @@ def test_ps_without_workloads(home: Path) -> None:
     mesh(home, "up")
     assert ps(home) == []
     assert mesh(home, "ps").stdout.split() == [
-        "NAME", "NAMESPACE", "INSTANCE", "READY", "PID", "PROXY_PID", "APP_PORT",
+        "NAME", "NAMESPACE", "SERVICE", "INSTANCE", "READY", "PID", "PROXY_PID", "APP_PORT",
         "INBOUND", "OUTBOUND", "ADMIN", "IDENTITY"]
 
 

@@ -304,3 +304,25 @@ def test_workloads_listing() -> None:
     [w] = r.workloads(1.0)
     assert w["instance"] == "a" and w["service"] == "books.default" and w["port"] == 8080
     assert w["lease_expires_in"] == 2.0
+
+
+def test_shared_service_and_own_name_both_resolve() -> None:
+    """`mesh run --service books`: the replica is an endpoint of books and of its own name."""
+    from destination.registry import Registration, Registry
+    r = Registry()
+    regs = [Registration.from_json({"name": f"books-{v}", "namespace": "default", "service": "books",
+                                    "identity": f"books-{v}.default.serviceaccount.identity.cluster.local",
+                                    "address": f"127.0.0.1:4100{i}", "app_port": 7010 + i,
+                                    "instance": f"books-{v}-1"}) for i, v in enumerate(("v1", "v2"))]
+    assert regs[0].to_json()["service"] == "books" and regs[0].service == "books.default"
+    done = [r.register(g, 0.0, 10.0) for g in regs]
+    assert done[0].changed == {"books.default", "books-v1.default"}
+    assert done[1].port == 7010   # joins the shared service's port
+    snap = r.snapshot(r.parse("books.default:7010"))
+    assert [e["labels"]["workload"] for e in snap["endpoints"]] == ["books-v1", "books-v2"]
+    own = r.snapshot(r.parse("books-v2.default:7011"))
+    assert [e["address"] for e in own["endpoints"]] == ["127.0.0.1:41001"]
+    assert r.deregister("books-v1-1", None) == {"books.default", "books-v1.default"}
+    assert len(r.snapshot(r.parse("books.default:7010"))["endpoints"]) == 1
+    again = Registry.from_dict(r.to_dict(), 0.0, 10.0)
+    assert len(again.snapshot(again.parse("books.default:7010"))["endpoints"]) == 1

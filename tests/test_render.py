@@ -48,7 +48,7 @@ def test_missing_keys_render_as_dash() -> None:
 
 def test_workloads_table_golden() -> None:
     rows = [
-        {"name": "books", "namespace": "default", "instance": "books-1a2b", "ready": True,
+        {"name": "books", "namespace": "default", "service": "books", "instance": "books-1a2b", "ready": True,
          "pid": 101, "proxy_pid": 100, "app_port": 7002, "inbound_port": 41001,
          "outbound_port": 41002, "admin_port": 41003,
          "identity": "books.default.serviceaccount.identity.cluster.local"},
@@ -58,15 +58,15 @@ def test_workloads_table_golden() -> None:
          "identity": "client.default.serviceaccount.identity.cluster.local"},
     ]
     assert render.workloads(rows) == (
-        "NAME    NAMESPACE  INSTANCE     READY  PID  PROXY_PID  APP_PORT  INBOUND  OUTBOUND  ADMIN  IDENTITY\n"
-        "books   default    books-1a2b   true   101  100        7002      41001    41002     41003  "
+        "NAME    NAMESPACE  SERVICE  INSTANCE     READY  PID  PROXY_PID  APP_PORT  INBOUND  OUTBOUND  ADMIN  IDENTITY\n"
+        "books   default    books    books-1a2b   true   101  100        7002      41001    41002     41003  "
         "books.default.serviceaccount.identity.cluster.local\n"
-        "client  default    client-ffff  dead   201  200        -         42001    42002     42003  "
+        "client  default    -        client-ffff  dead   201  200        -         42001    42002     42003  "
         "client.default.serviceaccount.identity.cluster.local\n"
     )
 
 
 def test_workload_columns_are_the_documented_ones() -> None:
     assert [c.header for c in render.WORKLOAD_COLUMNS] == [
-        "NAME", "NAMESPACE", "INSTANCE", "READY", "PID", "PROXY_PID", "APP_PORT",
+        "NAME", "NAMESPACE", "SERVICE", "INSTANCE", "READY", "PID", "PROXY_PID", "APP_PORT",
         "INBOUND", "OUTBOUND", "ADMIN", "IDENTITY"]

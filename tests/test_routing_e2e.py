@@ -10,8 +10,11 @@ keep-alive connections (pipelined in batches for the 2,000-request canary).
 Shown: the 90/10 canary within tolerance, header routing (``x-user-group: beta`` -> v2),
 path prefix and method matches, RequestHeaderModifier, a mirror that gets copies while a
 slow/failing mirror does not slow the caller, timeouts -> 504 with the reason, fault abort
-percentage, an invalid route refused with one line naming the field, an update applied
-within about a second, `mesh get routes`.
+percentage and delay, an invalid route refused with one line naming the field, an update
+applied within about a second, `mesh get routes`; retries from `rules[].retry` and from the
+`retry.linkerd.io/*` annotations (a backend failing 20 % looks >= 99 % successful),
+`timeouts.backendRequest` as the per-try timeout, mirrored bodies (<= 64 KiB) and failing
+mirrors, ResponseHeaderModifier, and `mesh run --service` (two workloads behind one service).
 """
 from __future__ import annotations
 
@@ -51,17 +54,29 @@ class H(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
     def do_GET(self):
         path, _, query = self.path.partition("?")
+        size = int(self.headers.get("content-length") or 0)
+        got = self.rfile.read(size) if size else b""
         if path == "/count":
             body = str(seen["n"]).encode()
+        elif path == "/lastbody":
+            body = seen.get("body", b"")
         else:
+            if got:
+                seen["body"] = got
             with lock:
                 seen["n"] += 1
+                n = seen["n"]
             if MODE == "slow":
                 time.sleep(1.0)
+            fail = MODE == "fail" or self.headers.get("x-fail-for") == NAME
             for part in query.split("&"):
                 if part.startswith("sleep="):
                     time.sleep(float(part[6:]))
-            if MODE == "fail":
+                elif part.startswith("slowevery=") and n % int(part[10:]) == 0:
+                    time.sleep(1.0)
+                elif part.startswith("failevery=") and n % int(part[10:]) == 0:
+                    fail = True
+            if fail:
                 self.send_response(500); self.send_header("content-length", "0"); self.end_headers()
                 return
             body = f"{NAME} {self.command} {path} {self.headers.get('x-route-tag', '-')}\\n".encode()
@@ -341,3 +356,157 @@ def test_invalid_route_refused_naming_the_field(env: Env) -> None:
     r = env.apply(CANARY.replace("kind: Service, name: web,", "kind: Deployment, name: web,"), check=False)
     assert r.returncode != 0 and "spec.parentRefs[0].kind" in r.stderr, r.stderr
     assert "No httproutes found" in mesh(env.home, "get", "routes").stderr
+
+
+def test_fault_delay_adds_latency(env: Env) -> None:
+    fault = """'{"delay": {"percentage": 100, "fixedDelay": "200ms"}}'"""
+    env.apply(route("web-delay", f"  - backendRefs: [{{name: web-v1, port: {SVC}}}]\n",
+                    annotations="{fault.micromesh.io/http: " + fault + "}"))
+    wait_routed(env, "web-v1")
+    for _ in range(5):
+        t0 = time.monotonic()
+        r = env.call()
+        took = time.monotonic() - t0
+        assert r.status == 200 and r.body.startswith(b"web-v1"), r.body
+        assert 0.2 <= took < 1.0, took
+
+
+RETRY_GATEWAY = route("web-retry", f"""\
+  - retry: {{codes: [500, 503], attempts: 3, backoff: 10ms}}
+    backendRefs: [{{name: web-v1, port: {SVC}}}]
+""")
+RETRY_LINKERD = route("web-retry", f"  - backendRefs: [{{name: web-v1, port: {SVC}}}]\n",
+                      annotations='{retry.linkerd.io/http: 5xx, retry.linkerd.io/limit: "2"}')
+
+
+@pytest.mark.parametrize("text", [RETRY_GATEWAY, RETRY_LINKERD], ids=["rules-retry", "annotations"])
+def test_route_retries_hide_a_flaky_backend(env: Env, text: str) -> None:
+    env.apply(text)
+    wait_routed(env, "web-v1")
+    before_hits, before_retries = env.count("web-v1"), metric_sum(env.metrics("client"), "route_retry_total")
+    rs = env.burst(200, "/?failevery=5", batch=1)   # every 5th call web-v1 receives fails
+    ok = sum(r.status == 200 for r in rs) / len(rs)
+    assert ok >= 0.99, names(rs)
+    hits = env.count("web-v1") - before_hits
+    assert hits >= 240, hits   # ~250: 200 requests + a retry for each failed attempt
+    m = env.metrics("client")
+    assert metric_sum(m, "route_retry_total") - before_retries >= hits - 200 - 5
+    assert metric_sum(m, "route_request_total", rt_route="web-retry") >= 200
+
+
+def test_backend_request_timeout_is_the_per_try_timeout(env: Env) -> None:
+    env.apply(route("web-trytimeout", f"""\
+  - timeouts: {{request: 3s, backendRequest: 200ms}}
+    retry: {{attempts: 2, backoff: 10ms}}
+    backendRefs: [{{name: web-v1, port: {SVC}}}]
+"""))
+    wait_routed(env, "web-v1")
+    before = metric_sum(env.metrics("client"), "route_retry_total")
+    for _ in range(6):   # every 2nd call web-v1 receives takes 1 s: that try is cut and retried
+        t0 = time.monotonic()
+        r = env.call("/?slowevery=2")
+        took = time.monotonic() - t0
+        assert r.status == 200 and r.body.startswith(b"web-v1"), (r.status, r.body)
+        assert took < 0.9, took
+    assert metric_sum(env.metrics("client"), "route_retry_total") - before >= 3
+    t0 = time.monotonic()   # every try too slow: 3 tries of 200 ms, then 504 naming the timeout
+    r = env.call("/?sleep=1")
+    took = time.monotonic() - t0
+    assert r.status == 504, (r.status, r.body)
+    assert r.headers.get("x-mesh-proxy-error") == "request timeout (timeouts.backendRequest 200ms)"
+    assert 0.6 <= took < 1.5, took
+
+
+def test_mesh_run_service_puts_workloads_behind_a_shared_service(env: Env) -> None:
+    ports = [local.free_port(), local.free_port()]
+    for v, port in zip(("v1", "v2"), ports):
+        mesh(env.home, "run", "--name", f"books-{v}", "--service", "books", "--port", str(port),
+             "--detach", "--", sys.executable, str(env.tmp / "app.py"), f"books-{v}")
+    rows = {r["name"]: r for r in json.loads(mesh(env.home, "ps", "-o", "json").stdout)}
+    assert rows["books-v1"]["service"] == rows["books-v2"]["service"] == "books"
+    assert rows["books-v2"]["service_port"] == ports[0]   # joins the shared service's port
+    assert rows["books-v2"]["identity"].startswith("books-v2.default.")
+    table = mesh(env.home, "ps").stdout
+    assert table.splitlines()[0].split()[:3] == ["NAME", "NAMESPACE", "SERVICE"], table
+
+    def get(service: str) -> bytes:
+        auth = f"{service}.default:{ports[0]}"
+        with Conn(env.out) as c:
+            return c.request("GET", f"http://{auth}/", {"Host": auth}).body
+    until(lambda: {get("books").split()[0] for _ in range(10)} == {b"books-v1", b"books-v2"}, 10,
+          "books to balance over both workloads")
+    assert {get("books-v2").split()[0] for _ in range(10)} == {b"books-v2"}   # own name resolvable
+    m = env.metrics("client")
+    for v in ("v1", "v2"):
+        assert metric_sum(m, "response_total", authority=f"books.default:{ports[0]}",
+                          dst_workload=f"books-{v}",
+                          server_id=f"books-{v}.default.serviceaccount.identity.cluster.local") >= 1
+
+
+def test_mirror_copies_small_bodies(env: Env) -> None:
+    env.apply(route("web-mirror-body", f"""\
+  - filters:
+    - type: RequestMirror
+      requestMirror: {{backendRef: {{name: shadow, port: {SVC}}}}}
+    backendRefs: [{{name: web-v1, port: {SVC}}}]
+"""))
+    wait_routed(env, "web-v1")
+    m0 = env.metrics("client")
+    body = b"order-" + os.urandom(8).hex().encode() + b"x" * 1000
+    auth = f"web.default:{SVC}"
+    with Conn(env.out) as c:
+        c.send(build_request("POST", f"http://{auth}/orders", {"Host": auth}, body))
+        r = c.read_response()
+    assert r.status == 200 and r.body.startswith(b"web-v1 POST"), r.body
+
+    def last_body() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{env.ports['shadow']}/lastbody", timeout=5) as f:
+            return f.read() == body
+    until(last_body, 5, "the mirror to receive the body")
+    big = b"y" * (64 * 1024 + 1)   # over 64 KiB: forwarded, not copied
+    with Conn(env.out) as c:
+        c.send(build_request("POST", f"http://{auth}/orders", {"Host": auth}, big))
+        assert c.read_response().status == 200
+    m = env.metrics("client")
+    assert metric_sum(m, "mirror_skipped_total") - metric_sum(m0, "mirror_skipped_total") >= 1
+
+
+def test_failing_mirror_never_affects_the_caller(env: Env) -> None:
+    env.apply(route("web-mirror-fail", f"""\
+  - filters:
+    - type: RequestMirror
+      requestMirror: {{backendRef: {{name: web-v2, port: {SVC}}}}}
+    - type: RequestMirror
+      requestMirror: {{backendRef: {{name: ghost, port: {SVC}}}}}
+    backendRefs: [{{name: web-v1, port: {SVC}}}]
+"""))
+    wait_routed(env, "web-v1")
+    m0 = env.metrics("client")
+    before = env.count("web-v2")
+    for _ in range(20):   # web-v2 answers these 500 (x-fail-for); ghost does not exist at all
+        r = env.call(headers={"x-fail-for": "web-v2"})
+        assert r.status == 200 and r.body.startswith(b"web-v1"), (r.status, r.body)
+    until(lambda: env.count("web-v2") - before >= 20, 5, "the failing mirror to get its copies")
+
+    def errors() -> float:
+        m = env.metrics("client")
+        return metric_sum(m, "mirror_error_total") - metric_sum(m0, "mirror_error_total")
+    until(lambda: errors() >= 20, 10, "the unknown mirror's errors to be counted")
+
+
+def test_response_header_modifier(env: Env) -> None:
+    assert "server" in {k.lower() for k, _ in env.call().headers.items}   # BaseHTTPRequestHandler's
+    env.apply(route("web-resp-headers", f"""\
+  - filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set: [{{name: x-route, value: web-resp-headers}}]
+        add: [{{name: x-added, value: "1"}}]
+        remove: [server]
+    backendRefs: [{{name: web-v1, port: {SVC}}}]
+"""))
+    wait_routed(env, "web-v1")
+    r = env.call()
+    hdrs = {k.lower(): v for k, v in r.headers.items}
+    assert hdrs.get("x-route") == "web-resp-headers" and hdrs.get("x-added") == "1", hdrs
+    assert "server" not in hdrs and r.body.startswith(b"web-v1"), hdrs
