@@ -1,0 +1,205 @@
+"""From raw route results to the summary, the target checks and RESULTS.md (pure: no I/O)."""
+from __future__ import annotations
+
+import statistics
+
+# The issue's targets for this machine, measured side by side.
+TPUT_TARGET = 0.7            # meshed >= 0.7x nginx two-hop throughput (goal beyond: 1.0x)
+P99_TARGET_US = 2000         # p99 at 2,000 rps <= 2 ms
+RSS_TARGET_MB = 40           # proxy peak RSS <= 40 MB (goal beyond: 30 MB)
+
+NOISY_OTHER_CPU = 0.10      # background CPU (in CPUs) above which a row is flagged as disturbed
+
+ORDER = ("direct", "nginx", "meshed")
+MB = 1024
+
+
+def summarize(route: dict) -> dict:
+    """One row's numbers from a measured route (see measure.measure)."""
+    runs = route["throughput"]
+    rps = [r["rps"] for r in runs]
+    lat = route["latency"]
+    cpu_max = [r["proxy_cpu_us_per_req"] for r in runs]
+    labels = [k for k in cpu_max[0] if k != "total"] if cpu_max else []
+    errors = sum(sum(r["errors"].values()) for r in runs)
+    fixed_errors = sum(lat["errors"].values())
+    out = {
+        "rps": statistics.median(rps),
+        "rps_runs": rps,
+        "wrk_errors": errors,
+        "wrk_requests": sum(r["requests"] for r in runs),
+        "p50_us": lat["latency_us"]["p50"], "p90_us": lat["latency_us"]["p90"],
+        "p99_us": lat["latency_us"]["p99"], "p999_us": lat["latency_us"]["p99.9"],
+        "fixed_completed": lat["completed"], "fixed_scheduled": lat["scheduled"],
+        "fixed_errors": fixed_errors,
+        "proxy_labels": labels,
+        "cpu_us_max": {k: statistics.median(c[k] for c in cpu_max) for k in cpu_max[0]} if labels else {},
+        "cpu_us_2k": lat["proxy_cpu_us_per_req"],
+        "rss_idle_mb": {k: v["idle"] / MB for k, v in route["rss_kb"].items()},
+        "rss_peak_mb": {k: v["peak"] / MB for k, v in route["rss_kb"].items()},
+        "cpu_util": runs[0].get("cpu_util", {}),
+        "proxy_cpu_util": runs[0].get("proxy_cpu_util", {}),
+        "cpu_split_max": runs[0].get("proxy_user_kernel_us_per_req", {}),
+        "other_cpu": max(r.get("other_cpu", 0.0) for r in [*runs, lat]),
+    }
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def compare(summary: dict[str, dict]) -> tuple[dict, list[dict]]:
+    """Ratios between rows, and the target checks (met / not met / not measured)."""
+    def get(key: str, field: str):
+        return summary[key][field] if key in summary else None
+
+    ratios = {
+        "meshed/nginx throughput": _ratio(get("meshed", "rps"), get("nginx", "rps")),
+        "meshed/direct throughput": _ratio(get("meshed", "rps"), get("direct", "rps")),
+        "nginx/direct throughput": _ratio(get("nginx", "rps"), get("direct", "rps")),
+        "meshed/nginx proxy CPU µs/req (both proxies, at max)": _ratio(
+            (get("meshed", "cpu_us_max") or {}).get("total"), (get("nginx", "cpu_us_max") or {}).get("total")),
+        "meshed/nginx p50 at 2k rps": _ratio(get("meshed", "p50_us"), get("nginx", "p50_us")),
+        "meshed/direct p50 at 2k rps": _ratio(get("meshed", "p50_us"), get("direct", "p50_us")),
+    }
+    targets = []
+    r = ratios["meshed/nginx throughput"]
+    targets.append({
+        "target": f"meshed throughput ≥ {TPUT_TARGET}× nginx two-hop (goal beyond: ≥ 1.0×)",
+        "value": None if r is None else f"{r:.2f}×",
+        "met": None if r is None else r >= TPUT_TARGET,
+    })
+    p99 = get("meshed", "p99_us")
+    targets.append({
+        "target": f"meshed p99 at 2,000 rps ≤ {P99_TARGET_US / 1000:g} ms",
+        "value": None if p99 is None else f"{p99 / 1000:.2f} ms",
+        "met": None if p99 is None else p99 <= P99_TARGET_US,
+    })
+    peaks = get("meshed", "rss_peak_mb")
+    peak = max(peaks.values()) if peaks else None
+    targets.append({
+        "target": f"proxy peak RSS ≤ {RSS_TARGET_MB} MB, each proxy (goal beyond: ≤ 30 MB)",
+        "value": None if peak is None else " / ".join(f"{k} {v:.1f} MB" for k, v in peaks.items()),
+        "met": None if peak is None else peak <= RSS_TARGET_MB,
+    })
+    return ratios, targets
+
+
+# === rendering ===
+
+def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def _per_proxy(d: dict[str, float], labels: list[str], fmt: str) -> str:
+    if not labels:
+        return "–"
+    parts = " + ".join(fmt.format(d[k]) for k in labels if k in d)
+    return f"{parts} = {fmt.format(d['total'])}" if len(labels) > 1 and "total" in d else parts
+
+
+def _mb(d: dict[str, float], labels: list[str]) -> str:
+    return " + ".join("{:.1f}".format(d[k]) for k in labels) or "–"
+
+
+def _status(met: bool | None) -> str:
+    return "not measured" if met is None else ("**met**" if met else "**not met**")
+
+
+def render(res: dict) -> str:
+    s = res["settings"]
+    m, v = res["machine"], res["versions"]
+    lines = [
+        "# micromesh benchmark results",
+        "",
+        f"Generated by `{res['command']}` on {res['date']}. Raw data: `{res['json']}`.",
+    ]
+    if s["quick"]:
+        lines += ["", "> **Quick mode** (smoke test): runs are too short to be representative."]
+    lines += [
+        "",
+        "## Machine and software",
+        "",
+        f"- {m.get('cpus')} vCPUs ({m.get('cpu_model', '?')}, {m.get('cpu_family_model', '?')}"
+        f"{', virtualised' if m.get('hypervisor') else ''}), {m.get('ram_gb', '?')} GB RAM, "
+        f"{m.get('os', '?')}, kernel {m.get('kernel')}",
+        "- " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- CPU pinning: {res['pinning']}",
+        f"- 1-min load average at start: {res.get('loadavg_at_start', -1):.2f} (lags; the per-row 'other work' CPU is the better noise measure)",
+        "- The machine is shared and noisy (PERF-LAB saw direct runs range 70k–137k rps over 2 h): "
+        "compare rows of one run, i.e. the ratios, not absolute numbers across runs.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | status |",
+        "|---|---|---|",
+    ]
+    for t in res["targets"]:
+        lines.append(f"| {t['target']} | {t['value'] or '–'} | {_status(t['met'])} |")
+    dur = s["duration"]
+    lines += [
+        "",
+        "## Results",
+        "",
+        f"Max throughput: `wrk -t1 -c{s['wrk_conns']} -d{dur:g}s`"
+        + (f" (median of {s['rounds']} runs, routes interleaved; range in brackets)" if s["rounds"] > 1 else "")
+        + f", after a {s['warmup']:g} s warm-up. Latency: open-loop, coordinated-omission-corrected client "
+        f"(`perf/fixed_rate.py`) at {s['rate']:,.0f} rps over {s['fixed_conns']} keep-alive connections "
+        f"for {dur:g} s. Proxy CPU = utime+stime from /proc/PID/stat over the run / requests served "
+        f"(outbound + inbound; for nginx its worker process); RSS = VmRSS sampled every 0.25 s (idle: before "
+        f"the route's first load; peak: max during its runs). CPU util: each CPU, each proxy, and the "
+        f"CPU used by other work on the machine (all busy time minus proxies, app and load generator).",
+        "",
+        "| path | max rps | p50 @2k (µs) | p90 | p99 | p99.9 | proxy CPU µs/req @max | proxy CPU µs/req @2k "
+        "| proxy RSS idle (MB) | proxy RSS peak (MB) | CPU util @max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in ORDER:
+        if key in res["skipped"]:
+            lines.append(f"| {res['titles'][key]} | skipped: {res['skipped'][key]} | | | | | | | | | |")
+            continue
+        if key not in res["summary"]:
+            continue
+        r = res["summary"][key]
+        labels = r["proxy_labels"]
+        util = ", ".join(f"{k} {val:.0%}" for k, val in {**r["cpu_util"], **r["proxy_cpu_util"]}.items())
+        util += f"; other work ≤ {r['other_cpu']:.0%}"
+        rps = _f(r["rps"])
+        if len(r["rps_runs"]) > 1:
+            rps += " (" + "–".join(_f(x) for x in (min(r["rps_runs"]), max(r["rps_runs"]))) + ")"
+        lines.append(
+            f"| {res['titles'][key]} | {rps} | {_f(r['p50_us'])} | {_f(r['p90_us'])} | {_f(r['p99_us'])} "
+            f"| {_f(r['p999_us'])} | {_per_proxy(r['cpu_us_max'], labels, '{:.1f}')} "
+            f"| {_per_proxy(r['cpu_us_2k'], labels, '{:.0f}')} "
+            f"| {_mb(r['rss_idle_mb'], labels)} | {_mb(r['rss_peak_mb'], labels)} | {util} |")
+    split_rows = [(key, label, uk) for key in ORDER if key in res["summary"]
+                  for label, uk in res["summary"][key]["cpu_split_max"].items()]
+    if split_rows:
+        lines += ["", "Where the proxy CPU goes at max throughput (first wrk run), µs per request:", "",
+                  "| path | proxy | user | kernel | total |", "|---|---|---|---|---|"]
+        for key, label, (user, kern) in split_rows:
+            lines.append(f"| {key} | {label} | {user:.1f} | {kern:.1f} | {user + kern:.1f} |")
+    lines += ["", "## Ratios (same run, back to back)", "", "| ratio | value |", "|---|---|"]
+    for name, val in res["ratios"].items():
+        lines.append(f"| {name} | {_f(val, '{:.2f}')} |")
+    notes = list(res["problems"])
+    for key, route in res["routes"].items():
+        c = route.get("counters") or {}
+        if "mtls_requests" in c:
+            sent = sum(t["requests"] for t in route["throughput"]) + route["latency"]["completed"]
+            notes.append(f"{key}: the inbound proxy counted {c['mtls_requests']:,.0f} requests over mTLS "
+                         f"(tls=\"true\") on {c['mtls_connections']:,.0f} new connections, for "
+                         f"{sent:,} measured requests plus the warm-up")
+    for key, r in res["summary"].items():
+        if r["other_cpu"] > NOISY_OTHER_CPU:
+            notes.append(f"{key}: other processes on the machine used up to {r['other_cpu']:.0%} of a CPU "
+                         f"during its runs: its numbers are disturbed, rerun on a quiet machine")
+        if r["wrk_errors"]:
+            notes.append(f"{key}: wrk counted {r['wrk_errors']} errors in {r['wrk_requests']:,} requests")
+        if r["fixed_errors"] or r["fixed_completed"] < r["fixed_scheduled"]:
+            notes.append(f"{key}: fixed-rate run completed {r['fixed_completed']:,} of "
+                         f"{r['fixed_scheduled']:,} ({r['fixed_errors']} errors)")
+    lines += ["", "## Notes", ""]
+    lines += [f"- {n}" for n in res["notes"] + notes] or ["- none"]
+    return "\n".join(lines) + "\n"
