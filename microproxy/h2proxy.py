@@ -1,0 +1,365 @@
+"""HTTP/2 (and so gRPC) proxying on the ``h2`` library: per-request balancing over pooled,
+multiplexed proxy-to-proxy connections, streaming both ways with real flow control.
+
+Theory of operation
+-------------------
+Detection. ``ServerConn`` (http1.py) calls ``take_over`` with the first bytes of every
+connection that starts with ``PRI``; if they are the HTTP/2 client preface, an
+``H2ServerConn`` replaces it on the same transport (``transport.set_protocol``). That covers
+prior-knowledge h2c on the outbound listener, plaintext h2c on the inbound listener, and
+mTLS with ALPN ``h2`` on the inbound listener (an ALPN-h2 client starts with the preface).
+``h2`` is imported only when HTTP/2 shows up (it costs memory: PERF-LAB.md).
+
+Streams. Each request stream is a pair of ``Half`` s: the downstream half (on the client's
+connection) and the upstream half (on a pooled ``H2ClientConn``), joined by an ``H2Exchange``
+that carries what metrics need. Outbound, every stream's ``:authority`` is resolved and an
+endpoint picked (P2C, as HTTP/1), so consecutive requests on one client connection spread
+over endpoints; each endpoint has one multiplexed mTLS connection (ALPN h2), more only when
+the peer's MAX_CONCURRENT_STREAMS is reached. Inbound, streams go to the app over h2c.
+
+Flow control, limits and the connection protocols: h2conn.py.
+
+Not here (yet): HTTPRoutes, retries, the resilience admission limits, tap and tracing for
+HTTP/2 streams; HTTP/2 to an HTTP/1-only app (no downgrade); CONNECT over HTTP/2.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import perf_counter
+from typing import Any
+
+from h2.errors import ErrorCodes
+
+from . import clock, grpc, tls
+from .authz import HTTP_ALLOW, HTTP_DENY
+from .h2conn import H2ClientConn, H2Exchange, H2Pool, H2ServerConn, Half, clean_headers
+
+log = logging.getLogger(__name__)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HANDSHAKE_TIMEOUT = 10.0
+CLIENT_ID = b"x-mesh-client-id"
+CLIENT_GONE = frozenset(("client disconnected", "client reset", "client went away"))
+
+
+def is_preface(data: bytes) -> bool:
+    n = min(len(data), len(PREFACE))
+    return n >= 3 and data[:n] == PREFACE[:n]
+
+
+def take_over(conn: Any, data: bytes) -> bool:
+    """Called by ``ServerConn`` on its first bytes when they start with ``PRI``: serve the
+    connection as HTTP/2 if they are the preface. False: not HTTP/2, carry on as HTTP/1."""
+    if not is_preface(data):
+        return False
+    router = conn.router
+    h2r = router.__dict__.get("h2_router")
+    if h2r is None:
+        h2r = router.h2_router = (Outbound2 if conn.direction == "outbound" else Inbound2)(router.proxy)
+    srv = H2ServerConn(h2r, conn)
+    conn.registry.discard(conn)
+    conn.closing = True
+    conn.transport.set_protocol(srv)
+    srv.adopt(conn.transport)
+    srv.data_received(data)
+    return True
+
+
+_client_ctx: tuple[Any, Any] = (None, None)
+
+
+def h2_client_context(creds: Any) -> Any:
+    """A client SSLContext offering ALPN ``h2`` only, for the HTTP/2 pools (HTTP/1 pools keep
+    ``creds.client_ctx``, which offers no ALPN). Rebuilt when the certificate changes."""
+    global _client_ctx
+    if _client_ctx[0] is not creds:
+        _client_ctx = (creds, tls.client_context(creds.trust_pem, creds.chain_pem, creds.key_pem,
+                                                 alpn=["h2"]))
+    return _client_ctx[1]
+
+
+# --- routers
+
+
+class Router2:
+    """Common to outbound and inbound: answer, finish and count an H2Exchange."""
+
+    direction = ""
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+        self.loop = proxy.loop
+
+    def open_upstream(self, x: H2Exchange, conn: H2ClientConn, headers: list[tuple[bytes, bytes]]) -> None:
+        down = x.down
+        if x.done or down.tx_done or down.sid not in down.conn.streams:
+            return
+        early = down.early or []
+        end = bool(early) and early == [("e",)]
+        up = conn.open(down, headers, end)
+        if up.sid not in conn.streams:   # h2 refused to open it (e.g. over the peer's limit)
+            self.fail(x, 503, "upstream refused the stream")
+            return
+        x.up = up
+        if end:
+            early = []
+        down.early = None
+        up.peer, down.peer = down, up
+        for item in early:
+            if item[0] == "d":
+                up.send_data(item[1])
+            elif item[0] == "t":
+                up.send_trailers(item[1])
+            else:
+                up.send_end()
+        up.release()
+        conn.flush()
+        if down.conn.dirty:
+            down.conn.flush()
+
+    def fail(self, x: H2Exchange, status: int, reason: str, grpc_status: int | None = None) -> None:
+        """A proxy-made error: trailers-only gRPC error or an HTTP error; the upstream stream,
+        if any, is cancelled."""
+        if x.done:
+            return
+        x.flag = reason
+        down = x.down
+        log.warning("proxy error", extra={"status": status, "reason": reason, "authority": x.authority,
+                                          "direction": self.direction, "protocol": "HTTP/2"})
+        up = x.up
+        if up is not None:
+            up.peer = None
+            up.reset(ErrorCodes.CANCEL)
+            if up.conn.dirty:
+                up.conn.flush()
+        down.peer = None
+        down.early = None
+        if down.headers_sent or down.tx_done:
+            down.reset(ErrorCodes.INTERNAL_ERROR)
+        elif x.grpc:
+            code = grpc.status_for_http(status) if grpc_status is None else grpc_status
+            x.status, x.grpc_status = 200, code
+            down.send_headers(grpc.trailers_only(code, reason), end=True)
+        else:
+            body = f"{reason}\n".encode()
+            x.status = status
+            down.send_headers([(b":status", b"%d" % status), (b"content-type", b"text/plain"),
+                               (b"content-length", b"%d" % len(body)),
+                               (grpc.ERROR_HEADER, grpc.encode_message(reason))])
+            down.send_data(body)
+            down.send_end()
+        if not down.rx_done and down.tx_done:
+            down.reset(ErrorCodes.NO_ERROR)   # we answered: the client need not send the rest
+        self.finish(x, reason)
+        if down.conn.dirty:
+            down.conn.flush()
+
+    def finish(self, x: H2Exchange, error: str | None) -> None:
+        if x.done:
+            return
+        x.done = True
+        if x.timer is not None:
+            x.timer.cancel()
+        t = x.resp_at or perf_counter()
+        latency = (t - x.start) * 1000.0
+        failure = grpc.failed(x.status, x.grpc_status, x.grpc) or (x.status == 0)
+        if x.lb is not None:   # the balancer's view: latency, and failures for the breaker
+            if error in CLIENT_GONE:
+                x.lb.cancel()      # the caller left: says nothing about the endpoint
+            else:
+                x.lb.end(clock.monotonic(), (t - x.start) if x.resp_at else None,
+                         x.status >= 500 or (x.grpc and x.grpc_status in grpc.BREAKER_CODES))
+        if x.metric_key:
+            m = self.proxy.metrics
+            if x.grpc:
+                m.response_grpc(x.metric_key, x.status, x.grpc_status, failure, latency)
+            else:
+                m.response(x.metric_key, x.status, failure, latency)
+            m.window.add(x.metric_key, failure, latency, t)
+        if x.flag or log.isEnabledFor(logging.DEBUG):
+            log.info("access", extra={"direction": self.direction, "authority": x.authority,
+                                      "status": x.status, "grpc_status": x.grpc_status,
+                                      "error": error, "protocol": "HTTP/2"})
+
+    def arm_deadline(self, x: H2Exchange) -> None:
+        """A gRPC call's ``grpc-timeout`` is also a response timeout here (DEADLINE_EXCEEDED)."""
+        if not x.grpc:
+            return
+        for name, value in x.headers:
+            if name == b"grpc-timeout":
+                secs = grpc.parse_timeout(value)
+                if secs is not None:
+                    x.timer = self.loop.call_later(secs, self._deadline, x)
+                return
+
+    def _deadline(self, x: H2Exchange) -> None:
+        x.timer = None
+        if not x.done and x.status == 0:
+            self.fail(x, 504, "deadline exceeded", grpc.DEADLINE_EXCEEDED)
+
+
+class Outbound2(Router2):
+    """The app's HTTP/2 streams: resolve each stream's :authority, pick an endpoint, forward
+    over the endpoint's pooled mTLS HTTP/2 connection."""
+
+    direction = "outbound"
+
+    def __init__(self, proxy: Any) -> None:
+        super().__init__(proxy)
+        self.pools: dict[tuple[tuple[str, int], str], H2Pool] = {}
+
+    def dispatch(self, conn: H2ServerConn, x: H2Exchange) -> None:
+        from .proxy import normalize_authority
+        host = None
+        for name, value in x.headers:
+            if name == b":authority":
+                host = value
+                break
+            if name == b"host" and host is None:
+                host = value
+        auth = normalize_authority(host) if host else None
+        if auth is None:
+            self.fail(x, 400, "no valid :authority in request")
+            return
+        x.authority = auth
+        self.arm_deadline(x)
+        res = self.proxy.discovery.get(auth)
+        if res.exists and res.endpoints:
+            self.send(x, res)
+        elif res.exists is False:
+            self.fail(x, 503, f"unknown service {auth}")
+        else:
+            self.proxy.spawn(self._wait_then_send(x, res))
+
+    async def _wait_then_send(self, x: H2Exchange, res: Any) -> None:
+        ok = await self.proxy.outbound._await_endpoints(res)
+        if x.done:
+            return
+        if ok:
+            self.send(x, res)
+        elif res.exists is False:
+            self.fail(x, 503, f"unknown service {res.authority}")
+        else:
+            self.fail(x, 503, f"no endpoints for {res.authority} (fail-fast)")
+
+    def send(self, x: H2Exchange, res: Any) -> None:
+        ep = res.pick()
+        if ep is None:
+            self.fail(x, 503, "all endpoints are failing (circuit open)")
+            return
+        proxy = self.proxy
+        x.lb = ep.lb
+        ep.lb.begin(clock.monotonic())
+        x.metric_key = ep.metric_key
+        proxy.metrics.request(ep.metric_key)
+        if ep.metric_key not in proxy.metrics.window.info:
+            proxy.metrics.window.describe(
+                ep.metric_key, direction="outbound", authority=x.authority, server_id=ep.identity,
+                dst_workload=ep.labels.get("workload"), dst_namespace=ep.labels.get("namespace"),
+                dst_pod=ep.labels.get("pod"), tls=True)
+        headers = clean_headers(x.headers)
+        pool = self.pool(ep)
+        c = pool.take()
+        if c is not None:
+            self.open_upstream(x, c, headers)
+        else:
+            proxy.spawn(self._connect_then_open(x, pool, headers, ep))
+
+    async def _connect_then_open(self, x: H2Exchange, pool: H2Pool, headers: Any, ep: Any) -> None:
+        try:
+            c = await pool.get()
+        except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+            self.fail(x, 502, f"connect to {ep.addr[0]}:{ep.addr[1]} failed: {type(e).__name__}")
+            return
+        self.open_upstream(x, c, headers)
+
+    def pool(self, ep: Any) -> H2Pool:
+        key = (ep.addr, ep.identity)
+        pool = self.pools.get(key)
+        if pool is None:
+            proxy = self.proxy
+
+            async def connect(p: H2Pool) -> H2ClientConn:
+                creds = proxy.creds
+                transport, c = await asyncio.wait_for(proxy.loop.create_connection(
+                    lambda: H2ClientConn(proxy.loop, p), ep.addr[0], ep.addr[1],
+                    ssl=h2_client_context(creds), server_hostname=ep.identity,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT),
+                    proxy.cfg.connect_timeout + HANDSHAKE_TIMEOUT)
+                sslobj = transport.get_extra_info("ssl_object")
+                if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
+                    transport.close()
+                    raise ConnectionError("peer proxy did not accept ALPN h2")
+                return c  # type: ignore[no-any-return]
+
+            pool = self.pools[key] = H2Pool(connect)
+        return pool
+
+
+class Inbound2(Router2):
+    """HTTP/2 streams from peers (mTLS, ALPN h2) or plaintext h2c clients: authorize, count,
+    forward to the app over h2c (prior knowledge) on a multiplexed connection."""
+
+    direction = "inbound"
+
+    def __init__(self, proxy: Any) -> None:
+        super().__init__(proxy)
+        port = proxy.cfg.app_port
+        self.app_pool: H2Pool | None = None
+        if port is not None:
+            async def connect(p: H2Pool) -> H2ClientConn:
+                _, c = await asyncio.wait_for(proxy.loop.create_connection(
+                    lambda: H2ClientConn(proxy.loop, p), "127.0.0.1", port), proxy.cfg.connect_timeout)
+                return c  # type: ignore[no-any-return]
+            self.app_pool = H2Pool(connect)
+
+    def dispatch(self, conn: H2ServerConn, x: H2Exchange) -> None:
+        proxy = self.proxy
+        host = b""
+        method = b""
+        path = b""
+        for name, value in x.headers:
+            if name == b":authority":
+                host = value
+            elif name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+        x.authority = host.decode("latin-1")
+        x.metric_key = proxy.inbound.metric_key(conn, host)
+        proxy.metrics.request(x.metric_key)
+        if self.app_pool is None:
+            self.fail(x, 503, "this workload serves no port")
+            return
+        authz = proxy.authz
+        d = authz.decide(conn, method, path)
+        if d.audit is not None:
+            authz._audit(d, conn, f"{method.decode('latin-1')} {path.decode('latin-1')}", x.authority)
+        if not d.allowed:
+            proxy.metrics.inc(HTTP_DENY, d.metric_key)
+            self.fail(x, 403, d.reason)
+            return
+        proxy.metrics.inc(HTTP_ALLOW, d.metric_key)
+        self.arm_deadline(x)
+        headers = clean_headers(x.headers, frozenset((CLIENT_ID,)))
+        if conn.peer_id:
+            headers.append((CLIENT_ID, conn.peer_id.encode()))
+        c = self.app_pool.take()
+        if c is not None:
+            self.open_upstream(x, c, headers)
+        else:
+            proxy.spawn(self._connect_then_open(x, headers))
+
+    async def _connect_then_open(self, x: H2Exchange, headers: Any) -> None:
+        assert self.app_pool is not None
+        try:
+            c = await self.app_pool.get()
+        except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+            self.fail(x, 502, f"connect to app port failed: {type(e).__name__}")
+            return
+        self.open_upstream(x, c, headers)
+
+
+__all__ = ["take_over", "is_preface", "clean_headers", "H2ServerConn", "H2ClientConn", "H2Pool",
+           "Half", "Outbound2", "Inbound2"]
