@@ -5,7 +5,9 @@ Theory of operation
 ``PeakEWMA`` estimates an endpoint's round-trip time (tower's ``PeakEwma``, Finagle's
 ``PeakEwma``; Linkerd's defaults: ``default_rtt`` 30 ms, ``decay`` 10 s):
 
-- It starts at ``default_rtt``, so a new endpoint is neither shunned nor swamped.
+- It starts at ``default_rtt``, a guess that the first observed RTT replaces outright.
+  While an endpoint has no measurement and nothing pending, P2C prefers it once (a probe),
+  so a new replica is measured instead of being priced at the guess until it decays.
 - ``observe(rtt, now)``: an RTT above the current estimate replaces it at once (the *peak*:
   a slowing endpoint is avoided immediately); a lower one pulls the estimate towards it with
   weight ``1 - exp(-elapsed / decay)``, i.e. the estimate recovers with time constant
@@ -36,16 +38,23 @@ DECAY = 10.0
 
 
 class PeakEWMA:
-    __slots__ = ("value", "stamp", "decay")
+    __slots__ = ("value", "stamp", "decay", "seen")
 
     def __init__(self, now: float, default_rtt: float = DEFAULT_RTT, decay: float = DECAY) -> None:
         self.value, self.stamp, self.decay = default_rtt, now, decay
+        self.seen = False   # no RTT observed yet: the value is only a guess
 
     def get(self, now: float) -> float:
         elapsed = now - self.stamp
         return self.value if elapsed <= 0 else self.value * exp(-elapsed / self.decay)
 
     def observe(self, rtt: float, now: float) -> None:
+        if not self.seen:
+            # The first real measurement replaces the guess (default_rtt) outright;
+            # otherwise a 1 ms endpoint would be priced at ~30 ms for tens of seconds.
+            self.seen = True
+            self.value, self.stamp = rtt, max(now, self.stamp)
+            return
         elapsed = now - self.stamp
         w = 1.0 if elapsed <= 0 else exp(-elapsed / self.decay)
         current = self.value * w
@@ -101,5 +110,11 @@ def pick(endpoints: Sequence[Endpoint], now: float, r1: float, r2: float) -> End
         j += 1
     a, b = endpoints[i], endpoints[j]
     if a.ready(now) and b.ready(now):
+        # Exploration: an endpoint never measured and idle is tried once, so a new replica
+        # gets its first real RTT instead of being priced at the guess forever.
+        probe_a = not a.ewma.seen and a.pending == 0
+        probe_b = not b.ewma.seen and b.pending == 0
+        if probe_a != probe_b:
+            return a if probe_a else b
         return a if a.cost(now) <= b.cost(now) else b
     return pick([e for e in endpoints if e.ready(now)], now, r1, r2)   # all ready: one level

@@ -25,7 +25,8 @@ EWMA = [
     ([(0.2, 1.0), (0.01, 1.0)], 1.0, 0.2),                 # no time passed: a lower RTT has no weight
     ([(0.2, 1.0), (0.01, 11.0)], 11.0, 0.2 * exp(-1) + 0.01 * (1 - exp(-1))),
     ([(0.2, 1.0), (0.01, 0.5)], 1.0, 0.2),                 # an out-of-order observation has no weight
-    ([(0.001, 0.0)], 0.0, 0.030 * 1.0),                    # below the estimate, no time passed
+    ([(0.001, 0.0)], 0.0, 0.001),                          # the first measurement replaces the guess
+    ([(0.001, 0.0), (0.0005, 0.0)], 0.0, 0.001),           # later ones: below the estimate, no time passed
 ]
 
 
@@ -53,8 +54,24 @@ def test_peak_ewma_converges_with_time_constant_decay() -> None:
 def eps(*rtts: float, now: float = 0.0) -> list[Endpoint]:
     out = []
     for i, rtt in enumerate(rtts):
-        out.append(Endpoint(f"ep{i}", now, breaker=Breaker(), default_rtt=rtt))
+        ep = Endpoint(f"ep{i}", now, breaker=Breaker(), default_rtt=rtt)
+        ep.ewma.seen = True   # as if measured: these tables are about costs, not probes
+        out.append(ep)
     return out
+
+
+def test_an_unmeasured_idle_endpoint_is_probed_once() -> None:
+    fast, new = eps(0.001, 0.030)
+    new.ewma.seen = False                       # a new replica: only the 30 ms guess
+    assert pick([fast, new], 0.0, 0.0, 0.0) is new        # tried although it looks slower
+    new.begin(0.0)
+    assert pick([fast, new], 0.0, 0.0, 0.0) is fast       # one probe at a time
+    new.end(0.001, 0.002)
+    assert new.ewma.seen and isclose(new.ewma.get(0.001), 0.002)
+    assert pick([fast, new], 0.001, 0.0, 0.0) is fast     # now priced by its real RTT
+    a, b = eps(0.01, 0.02)
+    a.ewma.seen = b.ewma.seen = False           # both unmeasured: plain cost order
+    assert pick([a, b], 0.0, 0.0, 0.0) is a
 
 
 def trip(ep: Endpoint, now: float = 0.0) -> None:
