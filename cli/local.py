@@ -592,6 +592,8 @@ def down(home: MeshHome, timeout: float = DOWN_TIMEOUT) -> DownResult:
             (run_dir(home) / f"{name}.json").unlink(missing_ok=True)
         if comps:
             write_controlplane(home, comps)
+        from .netns import teardown   # `mesh run --netns` pods left behind, the node namespace
+        teardown(home)
     return DownResult(home.root, tuple(r.get("instance", "?") for r in records),
                       tuple(reversed(stopped)), tuple(killed))
 
@@ -648,6 +650,9 @@ class Launch:
     note: str = ""          # e.g. why the app port differs from --port
     default_inbound_policy: str | None = None
     service: str = ""       # the shared service (`--service`); "" = the name
+    netns: bool = False             # `mesh run --netns`: its own network namespace (cli/netns.py)
+    skip_inbound_ports: str = ""    # --netns: ports init does not redirect inbound
+    skip_outbound_ports: str = ""   # --netns: ports init does not redirect outbound
 
     @property
     def identity(self) -> str:
@@ -666,6 +671,9 @@ class Launch:
             out += ["--default-inbound-policy", self.default_inbound_policy]
         if self.service and self.service != self.name:
             out += ["--service", self.service]
+        if self.netns:
+            out += ["--netns", "--skip-inbound-ports", self.skip_inbound_ports,
+                    "--skip-outbound-ports", self.skip_outbound_ports]
         return out + ["--", *self.cmd]
 
 

@@ -125,12 +125,21 @@ def _name(_ctx: click.Context, param: click.Parameter, value: str | None) -> str
                    "[default: all-unauthenticated].")
 @click.option("--timeout", type=click.FloatRange(min=1), default=local.RUN_TIMEOUT, show_default=True,
               help="Seconds for the proxy (and, with --port, the app) to be ready.")
+@click.option("--netns", is_flag=True,
+              help="Run as a pod: its own network namespace on the mesh bridge, iptables "
+                   "interception (microproxy init), the proxy as uid 2102, no proxy environment "
+                   "for the app (root, Linux; cli/netns.py).")
+@click.option("--skip-inbound-ports", default="", metavar="PORTS",
+              help="With --netns: inbound ports not redirected to the proxy (e.g. 7003,8000-8100).")
+@click.option("--skip-outbound-ports", default="", metavar="PORTS",
+              help="With --netns: outbound ports not redirected to the proxy.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 @click.pass_context
 def run(ctx: click.Context, home_path: Path | None, name: str, namespace: str,
         service_account: str | None, port: int | None, service_port: int | None, detach: bool,
         timeout: float, cmd: tuple[str, ...], default_inbound_policy: str | None = None,
-        service: str | None = None) -> None:
+        service: str | None = None, netns: bool = False, skip_inbound_ports: str = "",
+        skip_outbound_ports: str = "") -> None:
     """Run CMD as a meshed workload: the app plus its sidecar proxy.
 
     The app gets http_proxy/HTTP_PROXY pointing at its proxy, so plain HTTP clients
@@ -145,9 +154,19 @@ def run(ctx: click.Context, home_path: Path | None, name: str, namespace: str,
         spec.validate()
     except local.MeshError as e:
         raise click.UsageError(str(e)) from None
+    if not netns and (skip_inbound_ports or skip_outbound_ports):
+        raise click.UsageError("--skip-inbound-ports/--skip-outbound-ports need --netns")
+    if netns:
+        from . import netns as netns_mod
+        why = netns_mod.unsupported() or netns_mod.bad_ports(skip_inbound_ports, skip_outbound_ports)
+        if why:
+            raise click.UsageError(why)
     try:
         local.require_up(home)
-        launch = local.plan(home, spec)
+        if netns:   # the pod has its own ports: the app port is exactly --port
+            launch = netns_mod.plan(home, spec, skip_inbound_ports, skip_outbound_ports)
+        else:
+            launch = local.plan(home, spec)
         if launch.note:
             click.echo(f"mesh: {launch.note}", err=True)
         if not detach:
@@ -175,7 +194,7 @@ def _ps_row(rec: dict[str, Any]) -> dict[str, Any]:
 
 PS_FIELDS = ("name", "namespace", "service", "instance", "identity", "service_account", "ready", "alive",
              "pid", "proxy_pid", "supervisor_pid", "app_port", "service_port", "inbound_port",
-             "outbound_port", "admin_port", "detached", "started", "cmd", "logs")
+             "outbound_port", "admin_port", "detached", "started", "cmd", "logs", "netns", "pod_ip")
 
 
 @cli.command(short_help="List the workloads: one line per replica.")

@@ -356,6 +356,9 @@ def supervise(home: MeshHome, launch: Launch, detached: bool, out: IO[str] | Non
               timeout: float = READY_TIMEOUT) -> int:
     """Run one replica to completion; returns its exit code. ``timeout``: seconds for the
     proxy to be ready."""
+    if launch.netns:   # its own network namespace, transparent interception (cli/netns.py)
+        from .netns import NetnsSupervisor
+        return NetnsSupervisor(home, launch, detached, out or sys.stderr, timeout).run()
     return Supervisor(home, launch, detached, out or sys.stderr, timeout).run()
 
 
@@ -373,13 +376,17 @@ def parse_args(argv: list[str]) -> tuple[MeshHome, Launch, bool, float]:
     p.add_argument("--default-inbound-policy")
     p.add_argument("--service", default="")
     p.add_argument("--detached", action="store_true")
+    p.add_argument("--netns", action="store_true")
+    p.add_argument("--skip-inbound-ports", default="")
+    p.add_argument("--skip-outbound-ports", default="")
     p.add_argument("--timeout", type=float, default=READY_TIMEOUT)
     p.add_argument("cmd", nargs="+")
     a = p.parse_args(argv)
     launch = Launch(name=a.name, namespace=a.namespace, service_account=a.service_account or a.name,
                     instance=a.instance, cmd=tuple(a.cmd), cwd=a.cwd, app_port=a.port,
                     service_port=a.service_port, default_inbound_policy=a.default_inbound_policy,
-                    service=a.service)
+                    service=a.service, netns=a.netns, skip_inbound_ports=a.skip_inbound_ports,
+                    skip_outbound_ports=a.skip_outbound_ports)
     return MeshHome(Path(a.home)), launch, a.detached, a.timeout
 
 

@@ -31,6 +31,7 @@ service (``exists: false``); malformed text raises ``AuthorityError``.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ DEFAULT_PORT = 80
 ENDPOINT_WEIGHT = 10000
 PROTOCOL_HINT = "http/1"
 STATE_FORMAT = 1
+VIP_NETWORK = ipaddress.ip_network("10.96.0.0/16")   # service virtual IPs (like ClusterIPs)
 
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
 _IPV6 = re.compile(r"^\[[0-9a-f:.]+\]$")
@@ -129,6 +131,13 @@ def canonical_authority(target: Target, trust_domain: str) -> str:
     else:
         host = f"{target.name}.{target.namespace}.svc.{trust_domain}"
     return f"{host}:{target.port}"
+
+
+def _is_vip(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text) in VIP_NETWORK
+    except ValueError:
+        return False
 
 
 # === Registrations ===
@@ -257,6 +266,8 @@ class Registry:
         self.version = version
         self._services: dict[str, _Service] = {}
         self._leases: dict[str, _Lease] = {}
+        self._vips: dict[str, str] = {}        # service key -> virtual IP (stable, never reused)
+        self._vip_owner: dict[str, str] = {}   # virtual IP -> service key
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -279,6 +290,7 @@ class Registry:
         svc = self._services.get(key)
         if svc is None:
             svc = self._services[key] = _Service(name, reg.namespace, want, self.version)
+            self._assign_vip(key)
         elif not svc.instances:
             svc.port = want  # no live endpoints: this registration fixes the port afresh
         svc.instances.add(reg.instance)
@@ -323,20 +335,76 @@ class Registry:
     def next_expiry(self) -> float | None:
         return min((lease.expires for lease in self._leases.values()), default=None)
 
+    # --- service virtual IPs (`mesh run --netns`: names resolve to these, like ClusterIPs)
+
+    def _assign_vip(self, key: str, vip: str | None = None) -> str:
+        """The service's virtual IP: ``vip`` when given and free, else the lowest free one
+        in VIP_NETWORK. A VIP stays its service's for the life of the (persisted) table."""
+        have = self._vips.get(key)
+        if have is not None:
+            return have
+        if vip is None or vip in self._vip_owner:
+            base = int(VIP_NETWORK.network_address)
+            vip = next(str(ipaddress.ip_address(base + i)) for i in range(1, VIP_NETWORK.num_addresses - 1)
+                       if str(ipaddress.ip_address(base + i)) not in self._vip_owner)
+        self._vips[key] = vip
+        self._vip_owner[vip] = key
+        return vip
+
+    def vip(self, key: str) -> str | None:
+        return self._vips.get(key)
+
+    def services(self) -> list[dict[str, Any]]:
+        """Every known service with its port and virtual IP (``GET /v1/services``)."""
+        return [{"service": key, "name": s.name, "namespace": s.namespace, "port": s.port,
+                 "vip": self._vips.get(key), "endpoints": len(s.instances)}
+                for key, s in sorted(self._services.items())]
+
+    def _pod_leases(self, host: str, port: int) -> list[Registration]:
+        """Registrations whose proxy address is the (non-loopback) IP ``host`` and whose app
+        or service port is ``port``: an app calling a pod IP directly (`mesh run --netns`)."""
+        if host.startswith("127.") or host in ("localhost", "[::1]"):
+            return []
+        out = []
+        for instance in sorted(self._leases):
+            reg = self._leases[instance].reg
+            if reg.address.rpartition(":")[0] == host and port in (reg.app_port, reg.service_port):
+                out.append(reg)
+        return out
+
+    def watch_key(self, target: Target) -> str:
+        """The key whose changes wake a watcher of ``target``."""
+        if target.key is not None:
+            return target.key
+        pods = self._pod_leases(target.host, target.port)
+        return pods[0].service if pods else f"@{target.host}"
+
     # --- reading
 
     def parse(self, authority: str, namespace: str | None = None) -> Target:
-        return parse_authority(authority, namespace, self.trust_domain)
+        target = parse_authority(authority, namespace, self.trust_domain)
+        owner = self._vip_owner.get(target.host) if target.key is None else None
+        if owner is not None:   # a service's virtual IP: that service
+            svc = self._services[owner]
+            return Target(target.host, target.port, svc.name, svc.namespace)
+        return target
 
     def snapshot(self, target: Target) -> dict[str, Any]:
         key = target.key
         svc = self._services.get(key) if key is not None else None
         exists = svc is not None and svc.port == target.port
         endpoints = []
+        regs: list[Registration] = []
         if exists:
             assert svc is not None
-            for instance in sorted(svc.instances):
-                reg = self._leases[instance].reg
+            regs = [self._leases[instance].reg for instance in sorted(svc.instances)]
+        elif key is None:
+            regs = self._pod_leases(target.host, target.port)
+            if regs:   # a pod IP: that pod's proxy, with its identity
+                exists = True
+                svc = self._services.get(regs[0].service)
+        if regs:
+            for reg in regs:
                 endpoints.append({
                     "address": reg.address,
                     "weight": ENDPOINT_WEIGHT,
@@ -345,7 +413,7 @@ class Registry:
                     "labels": {"workload": reg.name, "namespace": reg.namespace,
                                "pod": reg.instance, "service_account": reg.service_account},
                 })
-        return {
+        snap = {
             "version": svc.version if svc is not None else self.version,
             "authority": canonical_authority(target, self.trust_domain),
             "service": key,
@@ -353,6 +421,10 @@ class Registry:
             "exists": exists,
             "endpoints": endpoints,
         }
+        vip = self._vips.get(key) if key is not None else None
+        if vip is not None:
+            snap["vip"] = vip
+        return snap
 
     def workloads(self, now: float) -> list[dict[str, Any]]:
         out = []
@@ -377,6 +449,7 @@ class Registry:
                           "version": s.version}
                          for _, s in sorted(self._services.items())],
             "workloads": [self._leases[i].reg.to_json() for i in sorted(self._leases)],
+            "vips": dict(sorted(self._vips.items())),
         }
 
     @classmethod
@@ -401,6 +474,12 @@ class Registry:
                             name, r.namespace, r.service_port or r.app_port, reg.version)
                     svc.instances.add(r.instance)
                 reg._leases[r.instance] = _Lease(r, now + lease)
+            vips = data.get("vips") or {}
+            saved = {k: v for k, v in vips.items() if k in reg._services and isinstance(v, str) and _is_vip(v)}
+            for key in sorted(saved):           # saved VIPs first: they stay their services'
+                reg._assign_vip(key, saved[key])
+            for key in sorted(reg._services):   # then services from an older state file
+                reg._assign_vip(key)
         except (AttributeError, KeyError, TypeError) as e:
             raise ValueError(f"malformed registry state: {e!r}") from None
         return reg

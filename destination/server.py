@@ -1,7 +1,9 @@
 """The destination service: wires the pure ``Registry`` to HTTPS, watches, leases and disk.
 
 - Handlers: ``POST /v1/register``, ``POST /v1/deregister``, ``GET /v1/endpoints``
-  (``watch=1`` streams NDJSON snapshots), ``GET /v1/workloads``, ``GET /ready``; resources
+  (``watch=1`` streams NDJSON snapshots; a service's virtual IP or a pod IP works as the
+  authority's host too), ``GET /v1/workloads``, ``GET /v1/services`` (ports and virtual
+  IPs), ``GET /ready``; resources
   (AuthorizationPolicy) and ``GET /v1/policy`` are served by ``resource_api.py``.
 - Watches: every watcher holds one ``asyncio.Event`` under its service key; a change sets
   it, and the watcher then renders the *latest* snapshot — nothing queues up behind a
@@ -212,8 +214,13 @@ class Destination:
             return Stream(self._watch(target))
         return Response.json(self.registry.snapshot(target))
 
+    async def services(self, req: Request) -> Response:
+        """Every service with its port and virtual IP (`mesh run --netns` writes them to
+        each pod's /etc/hosts)."""
+        return Response.json({"services": self.registry.services()})
+
     async def _watch(self, target: Target) -> AsyncIterator[bytes]:
-        w = self.hub.subscribe(target.key or f"@{target.host}")
+        w = self.hub.subscribe(self.registry.watch_key(target))
         try:
             snap = self.registry.snapshot(target)
             yield _line(snap)
@@ -236,4 +243,5 @@ _ROUTES: dict[str, tuple[str, Callable[[Destination, Request], Awaitable[Respons
     "/v1/deregister": ("POST", Destination.deregister),
     "/v1/endpoints": ("GET", Destination.endpoints),
     "/v1/workloads": ("GET", Destination.workloads),
+    "/v1/services": ("GET", Destination.services),
 }

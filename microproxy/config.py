@@ -29,6 +29,7 @@ Environment (all optional unless marked):
 | MESH_DEFAULT_INBOUND_POLICY | `all-unauthenticated` | when no ALLOW policy targets the workload: `all-unauthenticated`, `all-authenticated`, `deny` or `audit` (see policy.py) |
 | MESH_IDENTITY_NAME / MESH_DESTINATION_NAME | `identity.micromesh…` | control-plane identities |
 | MESH_TRACE_COLLECTOR | none (tracing off) | OTLP/HTTP JSON traces URL, e.g. `http://127.0.0.1:4318/v1/traces` |
+| MESH_TRANSPARENT | `0` | `1`: the outbound listener takes iptables-redirected connections (`mesh run --netns`): HTTP by Host as usual, other TCP by SO_ORIGINAL_DST (microproxy/transparent.py) |
 | MESH_TRACE_SAMPLE | `1` | probability (0..1) of sampling a new root trace; a caller's sampled flag wins |
 """
 from __future__ import annotations
@@ -106,6 +107,7 @@ class Config:
     default_inbound_policy: str = DEFAULT_MODE
     trace_collector: str | None = None
     trace_sample: float = 1.0
+    transparent: bool = False         # outbound takes redirected TCP (transparent.py)
 
     @property
     def identity(self) -> str:
@@ -166,4 +168,5 @@ class Config:
             default_inbound_policy=inbound_policy,
             trace_collector=collector,
             trace_sample=sample,
+            transparent=env.get("MESH_TRANSPARENT", "0") in ("1", "true", "yes"),
         )

@@ -102,7 +102,7 @@ class Outbound:
 
     def __init__(self, proxy: "Proxy") -> None:
         self.proxy = proxy
-        self.pools: dict[tuple[tuple[str, int], str], Pool] = {}
+        self.pools: dict[tuple[tuple[str, int], str | None], Pool] = {}   # identity None: plaintext
         self.hosts: dict[bytes, str | None] = {}
         self.routing = RouteRouter(self)   # HTTPRoute decisions (routes.py)
 
@@ -202,6 +202,10 @@ class Outbound:
             proxy = self.proxy
 
             async def connect(p: Pool) -> UpstreamConn:
+                if ep.identity is None:   # an unmeshed endpoint: plaintext HTTP/1.1, no TLS
+                    _, up = await asyncio.wait_for(proxy.loop.create_connection(
+                        lambda: UpstreamConn(p), ep.addr[0], ep.addr[1]), proxy.cfg.connect_timeout)
+                    return up
                 creds = proxy.creds
                 assert creds is not None
                 _, up = await asyncio.wait_for(proxy.loop.create_connection(
@@ -241,7 +245,7 @@ class Outbound:
             proxy.metrics.window.describe(
                 ep.metric_key, direction="outbound", authority=ex.authority, server_id=ep.identity,
                 dst_workload=ep.labels.get("workload"), dst_namespace=ep.labels.get("namespace"),
-                dst_pod=ep.labels.get("pod"), tls=True)
+                dst_pod=ep.labels.get("pod"), tls=ep.identity is not None)
         if proxy.tap.subs and ex.tap is None:
             ex.tap = proxy.tap_request(conn, ex, split_target(ex.target)[1] or ex.target, {
                 "workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
@@ -547,9 +551,13 @@ class Proxy:
         self.admin_server = admin
         self.ports["admin"] = admin.sockets[0].getsockname()[1]
         self.set_creds(await self.identity.certify_with_retry())
-        out = await self.loop.create_server(
-            lambda: ServerConn(self.outbound, self.metrics, self.conns, self.loop, "outbound"),
-            cfg.outbound_addr[0], cfg.outbound_addr[1], backlog=1024, reuse_address=True)
+        if cfg.transparent:   # iptables-redirected TCP: HTTP by Host, the rest opaque (transparent.py)
+            from .transparent import TransparentOutbound
+            out = TransparentOutbound(self).listen(cfg.outbound_addr)
+        else:
+            out = await self.loop.create_server(
+                lambda: ServerConn(self.outbound, self.metrics, self.conns, self.loop, "outbound"),
+                cfg.outbound_addr[0], cfg.outbound_addr[1], backlog=1024, reuse_address=True)
         self.servers.append(out)
         self.ports["outbound"] = out.sockets[0].getsockname()[1]
         self._inbound_sock = self._listen(cfg.inbound_addr)

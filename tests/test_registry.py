@@ -151,7 +151,7 @@ def test_register_and_snapshot() -> None:
     s = snap(r, "books.default.svc.cluster.local:8080")
     assert s == {
         "version": 1, "authority": "books.default.svc.cluster.local:8080", "service": "books.default",
-        "port": 8080, "exists": True,
+        "port": 8080, "exists": True, "vip": "10.96.0.1",
         "endpoints": [{"address": "127.0.0.1:41001", "weight": 10000,
                        "identity": "books.default.serviceaccount.identity.cluster.local",
                        "protocol_hint": "http/1",
