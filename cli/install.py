@@ -46,6 +46,9 @@ ISSUER_SECRET = "micromesh-identity-issuer"
 WEBHOOK_SECRET = "micromesh-proxy-injector-tls"
 WEBHOOK_CONFIG = "micromesh-proxy-injector"
 KUBE_VERSION = "1.32.0"        # what the manifests are validated against (native sidecars: >= 1.29)
+# In a cluster: identity proves tokens with TokenReview, destination reads the API server.
+IDENTITY_KUBE_ARGS = ["--token-validator", "tokenreview"]
+DESTINATION_KUBE_ARGS = ["--source", "kubernetes"]
 
 
 class InstallError(ValueError):
@@ -285,12 +288,12 @@ def _deployment(opts: InstallOptions, component: str, args: list[str], ports: li
 
 
 def deployments(opts: InstallOptions) -> list[dict[str, Any]]:
-    identity = _deployment(opts, "identity", ["--port", str(IDENTITY_PORT)],
+    identity = _deployment(opts, "identity", ["--port", str(IDENTITY_PORT), *IDENTITY_KUBE_ARGS],
                            [{"name": "identity", "containerPort": IDENTITY_PORT, "protocol": "TCP"}],
                            IDENTITY_PORT)
     destination = _deployment(
         opts, "destination",
-        ["--port", str(DESTINATION_PORT), "--webhook-port", str(WEBHOOK_PORT),
+        ["--port", str(DESTINATION_PORT), *DESTINATION_KUBE_ARGS, "--webhook-port", str(WEBHOOK_PORT),
          "--webhook-cert", f"{HOME}/webhook/tls.crt", "--webhook-key", f"{HOME}/webhook/tls.key",
          "--proxy-image", opts.image, "--control-plane-namespace", opts.namespace,
          "--cluster-domain", opts.cluster_domain],

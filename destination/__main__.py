@@ -15,6 +15,7 @@ from identity.store import MeshHome
 
 from .server import DEFAULT_LEASE_TTL, Destination, Settings, load_registry
 from . import webhook
+from . import k8s_source
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "endpoint discovery (mTLS required).")
     parser.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL,
                         help="seconds a registration lives without renewal (default 3)")
+    k8s_source.add_args(parser)   # --source local|kubernetes, --kube-* (destination/k8s_source.py)
     webhook.add_args(parser)   # --webhook-port/-cert/-key: POST /v1/inject (destination/webhook.py)
     args = parser.parse_args(argv)
     if args.lease_ttl <= 0:
@@ -38,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     except (SetupError, OSError, ValueError) as e:
         parser.exit(2, f"destination: error: {e}\n")
     settings = Settings(lease_ttl=args.lease_ttl, state_path=home.destination_state)
-    registry = load_registry(settings.state_path, time.monotonic(), args.trust_domain)
-    dest = Destination(registry, settings, clock=time.monotonic, sleep=asyncio.sleep)
+    if args.source == "kubernetes":  # endpoints from the API server; its watcher runs as reap_forever
+        try:
+            dest = k8s_source.from_args(args, settings, clock=time.monotonic, sleep=asyncio.sleep)
+        except (OSError, ValueError) as e:
+            parser.exit(2, f"destination: error: {e}\n")
+    else:
+        registry = load_registry(settings.state_path, time.monotonic(), args.trust_domain)
+        dest = Destination(registry, settings, clock=time.monotonic, sleep=asyncio.sleep)
     try:
         uvloop.run(run_until_signalled(dest.handle, args.host, args.port, reloader.context,
                                        args.ports_file, background=[dest.reap_forever, reloader.watch, *webhook_tasks],

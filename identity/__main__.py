@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 
 import uvloop
@@ -11,6 +12,7 @@ from .rotation import Reloader
 from .server import (Certifier, SetupError, control_plane_args, handler, load_issuer,
                      run_until_signalled, setup_logging, wall_clock)
 from .store import MeshHome
+from .tokenreview import TokenReviewValidator, Validator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock-skew", type=float, default=ca.CLOCK_SKEW.total_seconds(),
                         help="leaves are valid this many seconds before and after their lifetime "
                              "(default 20; tests with short lifetimes use ~1)")
+    parser.add_argument("--token-validator", choices=["local", "tokenreview"], default="local",
+                        help="who proves a proxy's token: the mesh home's HMAC secret (local, the "
+                             "default) or the Kubernetes API server's TokenReview (audience "
+                             "identity.micromesh.io)")
+    from destination.k8s_config import add_kube_args, cluster_config  # the shared --kube-* flags
+    add_kube_args(parser)
     args = parser.parse_args(argv)
     if args.leaf_lifetime <= 0:
         parser.error("--leaf-lifetime must be positive")
@@ -30,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     home = MeshHome(args.home)
     try:
         issuer, issuer_key = load_issuer(home)
-        secret = home.secret()
+        validator: Validator | None = None
+        if args.token_validator == "tokenreview":
+            from destination.k8s_watch import APIClient
+            validator = TokenReviewValidator(APIClient(cluster_config(args, os.environ)))
+            secret = os.urandom(32)  # never used: no local token is honoured in this mode
+        else:
+            secret = home.secret()
     except (SetupError, OSError) as e:
         parser.exit(2, f"identity: error: {e}\n")
     certifier = Certifier(secret, issuer, issuer_key, args.trust_domain,
@@ -43,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         parser.exit(2, f"identity: error: {e}\n")
     try:
-        uvloop.run(run_until_signalled(handler(certifier, wall_clock), args.host, args.port,
+        uvloop.run(run_until_signalled(handler(certifier, wall_clock, validator), args.host, args.port,
                                        reloader.context, args.ports_file, background=[reloader.watch]))
     except OSError as e:  # e.g. the port is taken
         parser.exit(1, f"identity: error: {e}\n")

@@ -27,6 +27,7 @@ from microproxy import ctlhttp
 from microproxy.ctlhttp import Request, Response
 
 from . import ca, store, tokens
+from .tokenreview import ReviewUnavailable, Validator
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,15 @@ class Certifier:
         if self.refresh is not None:
             self.refresh()
         claims = tokens.verify(self.secret, token, now.timestamp())
+        return self._certify(claims, csr_pem, now)
+
+    def certify_claims(self, claims: tokens.Claims, csr_pem: bytes, now: dt.datetime) -> ca.Issued:
+        """``certify`` for a token a ``tokenreview.Validator`` has already validated."""
+        if self.refresh is not None:
+            self.refresh()
+        return self._certify(claims, csr_pem, now)
+
+    def _certify(self, claims: tokens.Claims, csr_pem: bytes, now: dt.datetime) -> ca.Issued:
         identity = ca.identity_name(claims.service_account, claims.namespace, self.trust_domain)
         if not self.limiter.allow(identity, now.timestamp()):
             raise RateLimited(f"too many certificate requests for {identity}")
@@ -142,7 +152,10 @@ def _bearer(req: Request) -> str | None:
     return value.strip() or None
 
 
-def handler(certifier: Certifier, clock: Callable[[], dt.datetime]) -> ctlhttp.Handler:
+def handler(certifier: Certifier, clock: Callable[[], dt.datetime],
+            validator: Validator | None = None) -> ctlhttp.Handler:
+    """``validator`` (a ``tokenreview.Validator``, e.g. TokenReview in Kubernetes mode)
+    proves the token; None: the certifier verifies local HMAC tokens itself."""
     async def handle(req: Request) -> Response:
         if req.path == "/ready":
             if req.method != "GET":
@@ -169,7 +182,15 @@ def handler(certifier: Certifier, clock: Callable[[], dt.datetime]) -> ctlhttp.H
         if not token:
             return Response.error(401, "missing token")
         try:
-            issued = certifier.certify(token, csr.encode("utf-8", "replace"), clock())
+            if validator is None:
+                issued = certifier.certify(token, csr.encode("utf-8", "replace"), clock())
+            else:
+                now = clock()
+                claims = await validator.validate(token, now.timestamp())
+                issued = certifier.certify_claims(claims, csr.encode("utf-8", "replace"), now)
+        except ReviewUnavailable as e:
+            log.warning("certify unavailable (503): %s", e)
+            return Response.error(503, f"cannot validate the token now: {e}")
         except tokens.TokenError as e:
             log.info("certify refused (401) from %s: %s", req.peer, e)
             return Response.error(401, str(e))

@@ -32,7 +32,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 3.0
 @dataclass(slots=True)
 class Endpoint:
     addr: tuple[str, int]
-    identity: str
+    identity: str | None      # None: an unmeshed endpoint, reached over plaintext
     labels: dict[str, str]
     metric_key: str
     weight: int = 10000
@@ -75,10 +75,13 @@ class Resolution:
             try:
                 addr = split_addr(e["address"])
                 lab = e.get("labels") or {}
-                key = labels(direction="outbound", authority=self.authority, tls="true",
-                             server_id=e["identity"], dst_namespace=lab.get("namespace"),
+                ident = None if e["identity"] is None else str(e["identity"])  # None: plaintext
+                key = labels(direction="outbound", authority=self.authority,
+                             tls="true" if ident is not None else "no_identity",
+                             no_tls_reason=None if ident is not None else "not_provided_by_service_discovery",
+                             server_id=ident, dst_namespace=lab.get("namespace"),
                              dst_workload=lab.get("workload"), dst_pod=lab.get("pod"))
-                eps.append(Endpoint(addr, str(e["identity"]), lab, key, int(e.get("weight", 10000))))
+                eps.append(Endpoint(addr, ident, lab, key, int(e.get("weight", 10000))))
             except (KeyError, ValueError, TypeError):
                 log.warning("ignoring malformed endpoint", extra={"endpoint": e})
         old = {e.key.addr: e for e in self.lb}

@@ -179,7 +179,8 @@ class Mirrors:
                 break
         if conn is None:
             _, conn = await proxy.loop.create_connection(
-                MirrorConn, ep.addr[0], ep.addr[1], ssl=proxy.creds.client_ctx,
+                MirrorConn, ep.addr[0], ep.addr[1],
+                ssl=None if ep.identity is None else proxy.creds.client_ctx,  # None: unmeshed, plaintext
                 server_hostname=ep.identity)
         try:
             keep = await conn.request(head)
