@@ -17,6 +17,9 @@ The layout in the cluster (namespace ``micromesh`` by default):
   the MutatingWebhookConfiguration ``micromesh-proxy-injector``.
 - Its /ready probe goes to that webhook port: the main port (8086) requires a client
   certificate, which the kubelet does not have.
+- CRDs: only micromesh's own (AuthorizationPolicy). HTTPRoute is Gateway API's
+  (gateway.networking.k8s.io/v1): install the Gateway API CRDs first, as Linkerd asks;
+  destination treats a missing CRD as "no routes" and looks again (k8s_resources.py).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from destination import webhook
 from destination.inject import (ADMIN_PORT, DEFAULT_IMAGE, DEFAULT_NAMESPACE, DESTINATION_PORT,
                                 IDENTITY_PORT, INJECT_ANNOTATION, TOKEN_AUDIENCE)
 from destination.resources import GROUP
+from microproxy.core.httproute import GROUP as GATEWAY_GROUP
 from identity import ca
 from microproxy import __version__
 
@@ -189,6 +193,8 @@ RBAC: dict[str, list[dict[str, Any]]] = {
         {"apiGroups": [""], "resources": ["services", "pods", "namespaces"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [GROUP], "resources": ["authorizationpolicies"], "verbs": ["get", "list", "watch"]},
+        # HTTPRoute's CRD is Gateway API's (installed separately, as for Linkerd), not ours
+        {"apiGroups": [GATEWAY_GROUP], "resources": ["httproutes"], "verbs": ["get", "list", "watch"]},
     ],
 }
 

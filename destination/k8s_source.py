@@ -13,7 +13,10 @@ registry:
   (in Kubernetes the EndpointSlice controller says where pods are);
 - ``GET /v1/workloads``: the known services (no leases here); ``GET /v1/services`` (the
   local source's virtual IPs): 404;
-- resources (AuthorizationPolicy & co, ``/v1/policy``): unchanged, ``resource_api.py``.
+- resources (AuthorizationPolicy, HTTPRoute; ``/v1/policy``, ``/v1/profile``): served by
+  ``resource_api.py`` as locally, but the store is fed by a second Watcher over the
+  cluster's objects (``k8s_resources.py``); ``POST``/``DELETE /v1/resources``: 409 (kubectl
+  apply/delete); reads 503 until those kinds are listed; ``/ready`` waits for both.
 
 The background task (``reap_forever``, the name ``__main__`` schedules) runs the watcher
 instead of a lease reaper: nothing here expires, the API server deletes.
@@ -30,7 +33,7 @@ from typing import Any
 from identity import ca
 from microproxy.ctlhttp import Request, Response, Stream
 
-from . import k8s
+from . import k8s, k8s_resources
 from .k8s_config import add_kube_args, cluster_config
 from .k8s_watch import APIClient, ClusterConfig, Watcher
 from .registry import AuthorityError, Registry, RegistryError, Target
@@ -66,22 +69,39 @@ class KubeDestination(Destination):
         self.api_factory = api_factory
         self.watcher: Watcher | None = None
         self.synced = asyncio.Event()
+        # AuthorizationPolicy/HTTPRoute from the API server, not from disk or POSTs
+        self.kube_resources = k8s_resources.KubeResourceAPI(self.hub, store.trust_domain)
+        self.resources = self.kube_resources
+        self.resource_watcher: Watcher | None = None
 
     async def reap_forever(self) -> None:
         """The source's background task: list+watch the API server into the store."""
         api = self.api_factory(self.cfg)   # built here: its client belongs to this loop
         self.watcher = Watcher(api, self.store, on_change=self.hub.notify, sleep=self.sleep)
+        self.resource_watcher = k8s_resources.resource_watcher(
+            api, self.kube_resources.mirror, on_change=self.kube_resources.changed, sleep=self.sleep)
         synced = asyncio.create_task(self._mark_synced(self.watcher))
+        res_synced = asyncio.create_task(self._mark_resources_synced(self.resource_watcher))
         try:
-            await self.watcher.run()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.watcher.run())
+                tg.create_task(self.resource_watcher.run())
         finally:
             synced.cancel()
+            res_synced.cancel()
             await api.close()
 
     async def _mark_synced(self, watcher: Watcher) -> None:
         await watcher.synced.wait()
         log.info("synced with the Kubernetes API (%d services)", len(self.store.service_keys()))
+        if self.resource_watcher is not None:
+            await self.kube_resources.synced.wait()
         self.synced.set()
+
+    async def _mark_resources_synced(self, watcher: Watcher) -> None:
+        await watcher.synced.wait()
+        log.info("synced resources with the Kubernetes API (%d objects)", len(self.resources.store))
+        self.kube_resources.synced.set()
 
     async def handle(self, req: Request) -> Response | Stream:
         route = _ROUTES.get(req.path)
@@ -100,7 +120,10 @@ class KubeDestination(Destination):
     async def ready(self, req: Request) -> Response:
         body = {"ok": self.synced.is_set(), "source": "kubernetes",
                 "services": len(self.store.service_keys()), "watches": len(self.hub),
-                "resource_versions": dict(self.store.resource_versions)}
+                "resource_versions": {**self.store.resource_versions,
+                                      **self.kube_resources.mirror.resource_versions},
+                "resources": len(self.resources.store),
+                "invalid_resources": sorted("/".join(k) for k in self.kube_resources.mirror.skipped)}
         return Response.json(body, 200 if self.synced.is_set() else 503)
 
     async def not_local(self, req: Request) -> Response:

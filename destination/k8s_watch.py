@@ -25,7 +25,8 @@ Wiring it into destination (left to whoever owns server.py / __main__.py)::
     # background task: watcher.run(); /v1/endpoints answers store.snapshot(store.parse(a, ns))
 
 RBAC needed: get/list/watch on services, pods, namespaces ("") and endpointslices
-(discovery.k8s.io).
+(discovery.k8s.io); for the resources (k8s_resources.py) authorizationpolicies
+(policy.micromesh.io) and httproutes (gateway.networking.k8s.io).
 """
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ KIND_PATHS = {
     "Service": "/api/v1/services",
     "EndpointSlice": "/apis/discovery.k8s.io/v1/endpointslices",
     "Pod": "/api/v1/pods",
+}
+# the mesh's own resources (k8s_resources.py: a second Watcher, over resources.Store)
+RESOURCE_KIND_PATHS = {
+    "AuthorizationPolicy": "/apis/policy.micromesh.io/v1alpha1/authorizationpolicies",
+    "HTTPRoute": "/apis/gateway.networking.k8s.io/v1/httproutes",
 }
 LIST_PAGE = 500
 WATCH_TIMEOUT = 300 * SECONDS        # asked of the server (timeoutSeconds)
@@ -147,7 +153,7 @@ class APIClient:
             return status, None
 
     async def list(self, kind: str) -> tuple[list[dict[str, Any]], str | None]:
-        base = KIND_PATHS[kind]
+        base = KIND_PATHS.get(kind) or RESOURCE_KIND_PATHS[kind]
         for _ in range(3):  # a continue token can expire mid-list (410): start over
             items: list[dict[str, Any]] = []
             query: dict[str, str] = {"limit": str(LIST_PAGE)}
@@ -172,7 +178,7 @@ class APIClient:
         query = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(int(timeout_seconds))}
         if resource_version:
             query["resourceVersion"] = resource_version
-        path = f"{KIND_PATHS[kind]}?{urlencode(query, quote_via=quote)}"
+        path = f"{KIND_PATHS.get(kind) or RESOURCE_KIND_PATHS[kind]}?{urlencode(query, quote_via=quote)}"
         stream = self._client.watch(path, headers=self._headers())
         assert isinstance(stream, AsyncGenerator)
         async with contextlib.aclosing(stream):

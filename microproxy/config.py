@@ -7,7 +7,7 @@ Environment (all optional unless marked):
 | MESH_IDENTITY_ADDR (required) | | host:port of identity |
 | MESH_DESTINATION_ADDR (required) | | host:port of destination |
 | MESH_TRUST_ANCHORS / MESH_TRUST_ANCHORS_FILE (one required) | | PEM trust bundle |
-| MESH_TOKEN / MESH_TOKEN_FILE (one required) | | bearer token proving the service account |
+| MESH_TOKEN / MESH_TOKEN_FILE (one required) | | bearer token proving the service account; a MESH_TOKEN_FILE (a projected, rotating ServiceAccount token) is read again at every (re)certification, the token read at start being the fallback |
 | MESH_WORKLOAD | `app` | workload name (local mode: also its service name) |
 | MESH_NAMESPACE | `default` | namespace |
 | MESH_SERVICE_ACCOUNT | workload | service account |
@@ -31,6 +31,7 @@ Environment (all optional unless marked):
 | MESH_TRACE_COLLECTOR | none (tracing off) | OTLP/HTTP JSON traces URL, e.g. `http://127.0.0.1:4318/v1/traces` |
 | MESH_TRANSPARENT | `0` | `1`: the outbound listener takes iptables-redirected connections (`mesh run --netns`): HTTP by Host as usual, other TCP by SO_ORIGINAL_DST (microproxy/transparent.py) |
 | MESH_TRACE_SAMPLE | `1` | probability (0..1) of sampling a new root trace; a caller's sampled flag wins |
+| MESH_OPAQUE_PORTS | none | comma list of ports and ranges (`25,3306,4000-4010`; the `config.micromesh.io/opaque-ports` annotation): with MESH_TRANSPARENT, connections whose original destination port is listed skip protocol detection and go straight to the opaque tunnel (portranges.py) |
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from collections.abc import Mapping
 
 from .policy import DEFAULT_MODE, MODES
+from .portranges import PortRanges, parse_port_ranges
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -108,6 +110,8 @@ class Config:
     trace_collector: str | None = None
     trace_sample: float = 1.0
     transparent: bool = False         # outbound takes redirected TCP (transparent.py)
+    token_file: str | None = None     # MESH_TOKEN_FILE: re-read at each certify (identity_client.py)
+    opaque_ports: PortRanges = ()     # MESH_OPAQUE_PORTS: inclusive (first, last) ranges
 
     @property
     def identity(self) -> str:
@@ -169,4 +173,7 @@ class Config:
             trace_collector=collector,
             trace_sample=sample,
             transparent=env.get("MESH_TRANSPARENT", "0") in ("1", "true", "yes"),
+            # MESH_TOKEN wins over the file, as in _read
+            token_file=None if env.get("MESH_TOKEN") else (env.get("MESH_TOKEN_FILE") or None),
+            opaque_ports=parse_port_ranges(env.get("MESH_OPAQUE_PORTS", ""), "MESH_OPAQUE_PORTS"),
         )

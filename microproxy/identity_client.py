@@ -7,6 +7,10 @@ adopts it when it verifies the new certificate (identity itself was verified aga
 proxy's current trust, so the bundle arrives over an authenticated channel). That is how
 an anchor rotation reaches running proxies (identity/rotation.py). ``renew_now`` is the
 admin ``POST /renew``: certify at once, so a rotation does not wait for the 70 % mark.
+
+The token is ``current_token(cfg)``: ``MESH_TOKEN_FILE`` is read again at every
+certification (projected ServiceAccount tokens are rotated by the kubelet), falling back
+to the token read at start.
 """
 from __future__ import annotations
 
@@ -113,6 +117,25 @@ def verify_with(trust_pem: bytes, chain_pem: bytes, key_pem: bytes, identity: st
     raise ssl.SSLError("in-memory handshake did not complete")
 
 
+def current_token(cfg: Config) -> str:
+    """The token to certify with now: MESH_TOKEN_FILE read again (the kubelet rotates
+    projected ServiceAccount tokens), else — no file, or it cannot be read or is empty —
+    the token read at start (``cfg.token``)."""
+    if cfg.token_file:
+        try:
+            with open(cfg.token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            log.warning("cannot read the token file; using the token read at start",
+                        extra={"path": cfg.token_file, "error": repr(e)})
+        else:
+            if token:
+                return token
+            log.warning("the token file is empty; using the token read at start",
+                        extra={"path": cfg.token_file})
+    return cfg.token
+
+
 def refresh_in(issued_at: float, valid_until: float, now: float) -> float:
     """Seconds until renewal: at 70 % of the lifetime, clamped to 1 s - 24 h from now.
 
@@ -150,7 +173,7 @@ class IdentityClient:
                                 timeout=10.0)
         try:
             ans = await client.json("POST", "/v1/certify",
-                                    {"token": cfg.token, "csr": self.csr_pem.decode()})
+                                    {"token": current_token(cfg), "csr": self.csr_pem.decode()})
         finally:
             await client.close()
         chain = ans["certificate"].encode()

@@ -23,6 +23,10 @@ accepted connection:
    uses: the peer's inbound proxy checks its policy and splices to its app. A
    destination destination does not know (``exists: false``) is passed through as plain
    TCP to the original address (the proxy's uid is exempt from the redirect).
+
+A connection whose original destination port is in ``MESH_OPAQUE_PORTS`` (the
+``config.micromesh.io/opaque-ports`` annotation) skips step 2: it is opaque at once, with
+no peek and no ``DETECT_TIMEOUT`` wait (Linkerd's opaque ports).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from typing import Any
 from . import resilience
 from .http1 import ServerConn, TunnelPeer
 from .netutil import original_dst
+from .portranges import in_ranges
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +159,9 @@ class TransparentOutbound:
         except OSError as e:
             log.debug("no original destination", extra={"error": repr(e)})
             orig = None
-        first = await self._peek(sock)
+        # MESH_OPAQUE_PORTS: no detection (a server-speaks-first protocol would wait it out)
+        declared = orig is not None and in_ranges(orig[1], self.proxy.cfg.opaque_ports)
+        first = b"" if declared else await self._peek(sock)
         if first is None or self.proxy.stopping.is_set():
             sock.close()
             return

@@ -25,12 +25,25 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from perf import procs
 
 CLI_TIMEOUT_S = 90.0
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """One more meshed app (``start(more_apps=...)``), reached through the same loadgen proxy."""
+    name: str
+    host: str                     # NAME.default:P
+    app_pids: list[int]
+    inbound_pids: list[int]
+    inbound_admin: int
+
+    def counters(self) -> dict[str, float]:
+        return inbound_tls_counters(self.inbound_admin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +56,7 @@ class Mesh:
     inbound_pids: list[int]       # app's proxy (and any children)
     workloads: list[dict]         # `mesh ps -o json`, as returned
     inbound_admin: int            # the app proxy's admin port (/metrics)
+    services: dict[str, "Service"] = field(default_factory=dict)   # more apps (start(more_apps=))
 
     def counters(self) -> dict[str, float]:
         """The inbound proxy's meshed traffic so far: requests and connections with tls="true"."""
@@ -105,8 +119,13 @@ def _pids_with_env(name: str, value: str) -> list[int]:
 
 
 def start(sup: procs.Supervisor, work: Path, app_command: Callable[[int], list[str]],
-          ready_timeout: float = 30.0) -> Mesh:
-    """Bring up a mesh in ``work``; ``app_command(port)`` is the app's argv (listening on port)."""
+          ready_timeout: float = 30.0,
+          more_apps: dict[str, Callable[[int], list[str]]] | None = None) -> Mesh:
+    """Bring up a mesh in ``work``; ``app_command(port)`` is the app's argv (listening on port).
+
+    ``more_apps`` (name -> argv maker) are run as further meshed workloads behind their own
+    proxies (``Mesh.services``); checking that they answer is the caller's job (they may
+    speak only HTTP/2)."""
     cli = mesh_cli()
     if cli is None:
         raise RuntimeError("the `mesh` command is not installed")
@@ -147,6 +166,9 @@ def start(sup: procs.Supervisor, work: Path, app_command: Callable[[int], list[s
     mesh("up")
     app_port = procs.free_port()
     mesh("run", "--name", "app", "--port", str(app_port), "--detach", "--", *app_command(app_port))
+    more_ports = {name: procs.free_port() for name in (more_apps or {})}
+    for name, make in (more_apps or {}).items():
+        mesh("run", "--name", name, "--port", str(more_ports[name]), "--detach", "--", *make(more_ports[name]))
     mesh("run", "--name", "loadgen", "--detach", "--", "sleep", "1000000")
     workloads = json.loads(mesh("ps", "-o", "json"))
     for w in workloads:
@@ -166,7 +188,15 @@ def start(sup: procs.Supervisor, work: Path, app_command: Callable[[int], list[s
         inbound_pids=[int(app["proxy_pid"]), *procs.descendants(int(app["proxy_pid"]))],
         workloads=workloads,
         inbound_admin=int(app["admin_port"]),
+        services={name: _service(workloads, name, port) for name, port in more_ports.items()},
     )
+
+
+def _service(workloads: list[dict], name: str, port: int) -> Service:
+    w = _one(workloads, name)
+    pid, proxy = int(w["pid"]), int(w["proxy_pid"])
+    return Service(name=name, host=f"{name}.default:{port}", app_pids=[pid, *procs.descendants(pid)],
+                   inbound_pids=[proxy, *procs.descendants(proxy)], inbound_admin=int(w["admin_port"]))
 
 
 def _one(workloads: list[dict], name: str) -> dict:

@@ -78,6 +78,16 @@ def app_conf(prefix: Path, port: int) -> str:
     }}""")
 
 
+def h2c_app_conf(prefix: Path, port: int) -> str:
+    """The same app over cleartext HTTP/2 (h2c). nginx 1.22's ``listen ... http2`` without
+    ``ssl`` speaks HTTP/2 with prior knowledge only (an HTTP/1 request gets no answer)."""
+    return _render(prefix, f"""\
+    server {{
+        listen 127.0.0.1:{port} http2;
+        location / {{ return 200 "ok"; }}
+    }}""")
+
+
 def inbound_conf(prefix: Path, port: int, app_port: int, certs: Certs) -> str:
     """TLS 1.3 listener that requires a client certificate from the anchor; pooled to the app."""
     return _render(prefix, f"""\

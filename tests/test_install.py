@@ -101,6 +101,8 @@ def test_rbac_is_exactly_what_the_control_plane_uses() -> None:
             {"apiGroups": [""], "resources": ["services", "pods", "namespaces"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["policy.micromesh.io"], "resources": ["authorizationpolicies"],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"],
              "verbs": ["get", "list", "watch"]}],
     }
     for rules in roles.values():
