@@ -66,7 +66,7 @@ __all__ = [  # the views and rules live in k8s_objects.py; re-exported for one i
     "KINDS", "OPAQUE_PORTS_ANNOTATION", "PROXY_CONTAINER", "SERVICE_NAME_LABEL", "TRUST_ROOT_ANNOTATION",
     "Gone", "NamespaceView", "PodView", "ServicePort", "ServiceView", "Settings", "SliceEndpoint",
     "SlicePort", "SliceView", "Store", "WatchError", "meshed", "namespace_view", "parse_port_list",
-    "pod_view", "service_view", "slice_view", "workload_of",
+    "pod_view", "service_view", "slice_view", "watch_event", "workload_of",
 ]
 
 KINDS = ("Namespace", "Service", "EndpointSlice", "Pod")
@@ -86,6 +86,22 @@ class WatchError(Exception):
     def __init__(self, code: int | None, message: str) -> None:
         super().__init__(f"watch error {code}: {message}")
         self.code = code
+
+
+def watch_event(event: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A watch event's type and object. Raises Gone / WatchError for ERROR events,
+    ValueError for an event without an object."""
+    etype = event.get("type")
+    obj = event.get("object")
+    if not isinstance(obj, dict):
+        raise ValueError(f"watch event without an object: {str(event)[:200]}")
+    if etype == "ERROR":
+        code = obj.get("code") if isinstance(obj.get("code"), int) else None
+        message = str(obj.get("message") or obj.get("reason") or "")
+        if code == 410 or obj.get("reason") in ("Expired", "Gone"):
+            raise Gone(message)
+        raise WatchError(code, message)
+    return etype, obj
 
 
 # === The store ===
@@ -122,16 +138,7 @@ class Store:
     def apply(self, kind: str, event: Mapping[str, Any]) -> frozenset[str]:
         """One watch event. Raises Gone / WatchError for ERROR events, ValueError for
         events that are not watch events."""
-        etype = event.get("type")
-        obj = event.get("object")
-        if not isinstance(obj, dict):
-            raise ValueError(f"watch event without an object: {str(event)[:200]}")
-        if etype == "ERROR":
-            code = obj.get("code") if isinstance(obj.get("code"), int) else None
-            message = str(obj.get("message") or obj.get("reason") or "")
-            if code == 410 or obj.get("reason") in ("Expired", "Gone"):
-                raise Gone(message)
-            raise WatchError(code, message)
+        etype, obj = watch_event(event)
         self._check_kind(kind)
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         if etype == "BOOKMARK":
@@ -278,6 +285,10 @@ class Store:
 
     def parse(self, authority: str, namespace: str | None = None) -> Target:
         return parse_authority(authority, namespace, self.settings.cluster_domain)
+
+    def watch_key(self, target: Target) -> str:
+        """The key whose changes wake a watcher of ``target``."""
+        return target.key or f"@{target.host}"
 
     def service_keys(self) -> list[str]:
         return sorted(svc.key for svc in self._services.values())

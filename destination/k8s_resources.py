@@ -74,16 +74,7 @@ class ResourceMirror:
     def apply(self, kind: str, event: Mapping[str, Any]) -> frozenset[str]:
         """One watch event -> the resource watch keys it changed. Raises Gone / WatchError
         for ERROR events, ValueError for what is not a watch event."""
-        etype = event.get("type")
-        obj = event.get("object")
-        if not isinstance(obj, dict):
-            raise ValueError(f"watch event without an object: {str(event)[:200]}")
-        if etype == "ERROR":
-            code = obj.get("code") if isinstance(obj.get("code"), int) else None
-            message = str(obj.get("message") or obj.get("reason") or "")
-            if code == 410 or obj.get("reason") in ("Expired", "Gone"):
-                raise k8s.Gone(message)
-            raise k8s.WatchError(code, message)
+        etype, obj = k8s.watch_event(event)
         self._check_kind(kind)
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         if etype == "BOOKMARK":

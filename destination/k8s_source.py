@@ -27,7 +27,7 @@ import argparse
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from identity import ca
@@ -36,8 +36,8 @@ from microproxy.ctlhttp import Request, Response, Stream
 from . import k8s, k8s_resources
 from .k8s_config import add_kube_args, cluster_config
 from .k8s_watch import APIClient, ClusterConfig, Watcher
-from .registry import AuthorityError, Registry, RegistryError, Target
-from .server import Destination, Settings, _line
+from .registry import AuthorityError, Registry, RegistryError
+from .server import Destination, Settings, serve_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -136,30 +136,7 @@ class KubeDestination(Destination):
         return Response.json({"source": "kubernetes", "services": self.store.service_keys()})
 
     async def k8s_endpoints(self, req: Request) -> Response | Stream:
-        authority = req.query.get("authority")
-        if not authority:
-            raise AuthorityError("missing query parameter 'authority'")
-        target = self.store.parse(authority, req.query.get("namespace") or None)
-        if req.query.get("watch", "0").lower() in ("1", "true", "yes"):
-            return Stream(self._k8s_watch(target))
-        return Response.json(self.store.snapshot(target))
-
-    async def _k8s_watch(self, target: Target) -> AsyncIterator[bytes]:
-        w = self.hub.subscribe(target.key or f"@{target.host}")
-        try:
-            snap = self.store.snapshot(target)
-            yield _line(snap)
-            while True:
-                await w.changed.wait()
-                w.changed.clear()
-                if self.hub.closed:
-                    return
-                latest = self.store.snapshot(target)
-                if latest != snap:
-                    snap = latest
-                    yield _line(snap)
-        finally:
-            self.hub.unsubscribe(w)
+        return serve_endpoints(req, self.store, self.hub)
 
 
 _ROUTES: dict[str, tuple[str, Callable[[KubeDestination, Request], Awaitable[Response | Stream]]]] = {

@@ -21,10 +21,8 @@ anyone with a mesh certificate may read. The store is saved after every change, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -38,6 +36,7 @@ from microproxy.core.routing import RouteTable
 
 from .registry import AuthorityError, parse_authority
 from .resources import KINDS, Resource, ResourceError, Store, kind_named, validate
+from .watch import watch_lines
 
 if TYPE_CHECKING:
     from .server import WatchHub
@@ -189,25 +188,9 @@ class ResourceAPI:
     def policy(self, req: Request) -> Response | Stream:
         workload, namespace, port = self._policy_args(req)
         if _truthy(req.query.get("watch")):
-            return Stream(self._watch(workload, namespace, port))
+            return Stream(watch_lines(self.hub, f"policy:{namespace}",
+                                      lambda: self.snapshot(workload, namespace, port), compare="policies"))
         return Response.json(self.snapshot(workload, namespace, port))
-
-    async def _watch(self, workload: str, namespace: str, port: int | None) -> AsyncIterator[bytes]:
-        w = self.hub.subscribe(f"policy:{namespace}")
-        try:
-            snap = self.snapshot(workload, namespace, port)
-            yield _line(snap)
-            while True:
-                await w.changed.wait()
-                w.changed.clear()
-                if self.hub.closed:
-                    return
-                latest = self.snapshot(workload, namespace, port)
-                if latest["policies"] != snap["policies"]:
-                    snap = latest
-                    yield _line(snap)
-        finally:
-            self.hub.unsubscribe(w)
 
 
     # --- profile (routes) for one service authority
@@ -239,29 +222,8 @@ class ResourceAPI:
     def profile(self, req: Request) -> Response | Stream:
         args = self._profile_args(req)
         if _truthy(req.query.get("watch")):
-            return Stream(self._watch_profile(*args))
+            return Stream(watch_lines(self.hub, ROUTES_KEY, lambda: self.profile_snapshot(*args), compare="routes"))
         return Response.json(self.profile_snapshot(*args))
-
-    async def _watch_profile(self, service: str, namespace: str | None, port: int) -> AsyncIterator[bytes]:
-        w = self.hub.subscribe(ROUTES_KEY)
-        try:
-            snap = self.profile_snapshot(service, namespace, port)
-            yield _line(snap)
-            while True:
-                await w.changed.wait()
-                w.changed.clear()
-                if self.hub.closed:
-                    return
-                latest = self.profile_snapshot(service, namespace, port)
-                if latest["routes"] != snap["routes"]:
-                    snap = latest
-                    yield _line(snap)
-        finally:
-            self.hub.unsubscribe(w)
 
 
 ROUTES_KEY = "route:*"
-
-
-def _line(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"

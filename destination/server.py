@@ -17,18 +17,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from identity import store
 from microproxy.ctlhttp import Request, Response, Stream
 
-from .registry import AuthorityError, Registration, Registry, RegistryError, Target
+from .registry import AuthorityError, Registration, Registry, RegistryError
 from .resource_api import ResourceAPI, load_store, resources_path
+from .watch import watch_lines
+
+if TYPE_CHECKING:
+    from . import k8s
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,16 @@ class WatchHub:
                 w.changed.set()
 
 
-def _line(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+def serve_endpoints(req: Request, source: "Registry | k8s.Store", hub: WatchHub) -> Response | Stream:
+    """``GET /v1/endpoints``: ``source``'s snapshot for the authority, or with ``watch=1``
+    an NDJSON stream of them."""
+    authority = req.query.get("authority")
+    if not authority:
+        raise AuthorityError("missing query parameter 'authority'")
+    target = source.parse(authority, req.query.get("namespace") or None)
+    if req.query.get("watch", "0").lower() in ("1", "true", "yes"):
+        return Stream(watch_lines(hub, lambda: source.watch_key(target), lambda: source.snapshot(target)))
+    return Response.json(source.snapshot(target))
 
 
 def _body(req: Request) -> dict[str, Any]:
@@ -206,35 +217,12 @@ class Destination:
         return Response.json(self.registry.workloads(self.clock()))
 
     async def endpoints(self, req: Request) -> Response | Stream:
-        authority = req.query.get("authority")
-        if not authority:
-            raise AuthorityError("missing query parameter 'authority'")
-        target = self.registry.parse(authority, req.query.get("namespace") or None)
-        if req.query.get("watch", "0").lower() in ("1", "true", "yes"):
-            return Stream(self._watch(target))
-        return Response.json(self.registry.snapshot(target))
+        return serve_endpoints(req, self.registry, self.hub)
 
     async def services(self, req: Request) -> Response:
         """Every service with its port and virtual IP (`mesh run --netns` writes them to
         each pod's /etc/hosts)."""
         return Response.json({"services": self.registry.services()})
-
-    async def _watch(self, target: Target) -> AsyncIterator[bytes]:
-        w = self.hub.subscribe(self.registry.watch_key(target))
-        try:
-            snap = self.registry.snapshot(target)
-            yield _line(snap)
-            while True:
-                await w.changed.wait()
-                w.changed.clear()
-                if self.hub.closed:
-                    return
-                latest = self.registry.snapshot(target)
-                if latest != snap:
-                    snap = latest
-                    yield _line(snap)
-        finally:
-            self.hub.unsubscribe(w)
 
 
 _ROUTES: dict[str, tuple[str, Callable[[Destination, Request], Awaitable[Response | Stream]]]] = {

@@ -301,6 +301,24 @@ class Outbound:
         ex.authority = auth
         self.proxy.spawn(self._tunnel(conn, ex, auth, rest))
 
+    async def open_tunnel(self, conn: ServerConn, ep: Endpoint, auth: str) -> tuple[Any, TunnelPeer, int]:
+        """An mTLS connection to the peer proxy at ``ep`` and the status of its answer to our
+        CONNECT for ``auth`` (0 when none came in time); its bytes go back to ``conn``.
+        Raises OSError or asyncio.TimeoutError when the connection cannot be made."""
+        proxy = self.proxy
+        assert proxy.creds is not None
+        transport, peer = await asyncio.wait_for(proxy.loop.create_connection(
+            lambda: TunnelPeer(conn, handshake=True), ep.addr[0], ep.addr[1],
+            ssl=proxy.creds.client_ctx, server_hostname=ep.identity,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT), proxy.cfg.connect_timeout + HANDSHAKE_TIMEOUT)
+        transport.write(b"CONNECT %s HTTP/1.1\r\nhost: %s\r\n\r\n" % (auth.encode(), auth.encode()))
+        assert peer.handshake is not None
+        try:
+            code = await asyncio.wait_for(peer.handshake, HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            code = 0
+        return transport, peer, code
+
     async def _tunnel(self, conn: ServerConn, ex: Exchange, auth: str, rest: bytes) -> None:
         proxy = self.proxy
         res = proxy.discovery.get(auth)
@@ -318,21 +336,11 @@ class Outbound:
         if ep is None:
             fail(503, resilience.CIRCUIT_OPEN)
             return
-        assert proxy.creds is not None
         try:
-            transport, peer = await asyncio.wait_for(proxy.loop.create_connection(
-                lambda: TunnelPeer(conn, handshake=True), ep.addr[0], ep.addr[1],
-                ssl=proxy.creds.client_ctx, server_hostname=ep.identity,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT), proxy.cfg.connect_timeout + HANDSHAKE_TIMEOUT)
+            transport, peer, code = await self.open_tunnel(conn, ep, auth)
         except (OSError, asyncio.TimeoutError) as e:
             fail(502, f"connect failed: {type(e).__name__}")
             return
-        transport.write(b"CONNECT %s HTTP/1.1\r\nhost: %s\r\n\r\n" % (auth.encode(), auth.encode()))
-        assert peer.handshake is not None
-        try:
-            code = await asyncio.wait_for(peer.handshake, HANDSHAKE_TIMEOUT)
-        except asyncio.TimeoutError:
-            code = 0
         if code != 200 or conn.transport.is_closing():
             transport.close()
             fail(502, f"peer refused the tunnel ({code})")

@@ -200,23 +200,12 @@ class TransparentOutbound:
             log.warning("opaque connection refused", extra={"authority": auth, "reason": resilience.CIRCUIT_OPEN})
             conn.transport.close()
             return
-        assert proxy.creds is not None
-        from .proxy import HANDSHAKE_TIMEOUT
         try:
-            transport, peer = await asyncio.wait_for(self.loop.create_connection(
-                lambda: TunnelPeer(conn, handshake=True), ep.addr[0], ep.addr[1],
-                ssl=proxy.creds.client_ctx, server_hostname=ep.identity,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT), proxy.cfg.connect_timeout + HANDSHAKE_TIMEOUT)
+            transport, peer, code = await proxy.outbound.open_tunnel(conn, ep, auth)
         except (OSError, asyncio.TimeoutError) as e:
             log.warning("opaque connect failed", extra={"authority": auth, "error": repr(e)})
             conn.transport.close()
             return
-        transport.write(b"CONNECT %s HTTP/1.1\r\nhost: %s\r\n\r\n" % (auth.encode(), auth.encode()))
-        assert peer.handshake is not None
-        try:
-            code = await asyncio.wait_for(peer.handshake, HANDSHAKE_TIMEOUT)
-        except asyncio.TimeoutError:
-            code = 0
         if code != 200 or conn.transport.is_closing():
             log.warning("peer refused the opaque tunnel", extra={"authority": auth, "status": code})
             transport.close()
