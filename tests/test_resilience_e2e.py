@@ -177,7 +177,10 @@ def test_slow_endpoint_gets_less_traffic(world: World) -> None:
     fast0, fast1, slow = (a - b for a, b in zip(s.hits(), before))
     assert slow < 0.25 * min(fast0, fast1), (fast0, fast1, slow)
     eps = {e["address"]: e for e in balancer(world.client, s.authority)["endpoints"]}
-    assert max(e["ewma_ms"] for e in eps.values()) >= 40   # the slow one's peak EWMA
+    # /config shows each endpoint's latency estimate. (Not asserted: that the slow one's
+    # estimate is still high at the end. P2C may never pick it after it once looked slower,
+    # and an unpicked estimate decays towards 0 with a 10 s time constant.)
+    assert len(eps) == 3 and all(isinstance(e["ewma_ms"], (int, float)) for e in eps.values())
 
 
 def test_failing_endpoint_is_ejected_then_all_open_fails_fast(world: World) -> None:
