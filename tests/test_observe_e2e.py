@@ -152,7 +152,20 @@ def traffic(mesh_home: Path) -> Path:
 # === stat ===
 
 def test_stat_shows_the_failing_service_below_100(traffic: Path) -> None:
-    out = ok(traffic, "stat", "deploy")
+    def failing() -> str | None:
+        text = ok(traffic, "stat", "deploy")
+        row = next((line.split() for line in text.splitlines() if line.startswith("books ")), None)
+        return text if row and row[2] != "100.00%" else None
+    # Poll: the 1-minute window must include some of the 1-in-8 failures. (Seen once in a
+    # full-suite run: 100.00 % on the first read; the books proxy's /stats is attached below
+    # if it ever stays so.)
+    try:
+        out = wait(failing, 20, "books' success rate to show the 1-in-8 failures")
+    except AssertionError:
+        recs = [w for w in local.list_workloads(MeshHome(traffic)) if w["name"] == "books"]
+        raise AssertionError(ok(traffic, "stat", "deploy") + "\n" + "\n".join(
+            local.admin_get(w["admin_port"], "/stats?window=60")[1].decode(errors="replace")[:3000]
+            for w in recs))
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "MESHED", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95",
                                 "LATENCY_P99", "TCP_CONN"]
