@@ -36,7 +36,7 @@ from microproxy.ctlhttp import Request, Response, Stream
 from . import k8s, k8s_resources
 from .k8s_config import add_kube_args, cluster_config
 from .k8s_watch import APIClient, ClusterConfig, Watcher
-from .registry import AuthorityError, Registry, RegistryError
+from .registry import Registry
 from .server import Destination, Settings, serve_endpoints
 
 log = logging.getLogger(__name__)
@@ -104,18 +104,7 @@ class KubeDestination(Destination):
         self.kube_resources.synced.set()
 
     async def handle(self, req: Request) -> Response | Stream:
-        route = _ROUTES.get(req.path)
-        if route is None:
-            return await super().handle(req)   # resources, and 404s
-        method, fn = route
-        if req.method != method:
-            return Response.error(405, f"use {method}")
-        try:
-            return await fn(self, req)
-        except RegistryError as e:
-            return Response.error(e.status, str(e))
-        except AuthorityError as e:
-            return Response.error(400, str(e))
+        return await self.dispatch(req, _ROUTES, super().handle)   # else: resources, and 404s
 
     async def ready(self, req: Request) -> Response:
         body = {"ok": self.synced.is_set(), "source": "kubernetes",

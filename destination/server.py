@@ -174,8 +174,17 @@ class Destination:
     async def handle(self, req: Request) -> Response | Stream:
         if req.path in ("/v1/policy", "/v1/profile", "/v1/resources") or req.path.startswith("/v1/resources/"):
             return await self.resources.handle(req)  # AuthorizationPolicy & co: resource_api.py
-        route = _ROUTES.get(req.path)
+        return await self.dispatch(req, _ROUTES, None)
+
+    async def dispatch(self, req: Request, routes: dict[str, Any],
+                       fallback: Callable[[Request], Awaitable[Response | Stream]] | None
+                       ) -> Response | Stream:
+        """Route ``req`` through a path -> (method, handler) table; errors become statuses.
+        A path not in the table goes to ``fallback`` (or gets 404)."""
+        route = routes.get(req.path)
         if route is None:
+            if fallback is not None:
+                return await fallback(req)
             return Response.error(404, f"no such path {req.path!r}")
         method, fn = route
         if req.method != method:
