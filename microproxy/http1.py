@@ -61,6 +61,7 @@ REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found"
 
 
 FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+RESP_SPECIAL = FRAMING | {b"connection"}
 
 
 class Reject(Exception):
@@ -467,8 +468,7 @@ class ServerConn(asyncio.Protocol):
         t = ex.resp_at or perf_counter()
         latency = (t - ex.start) * 1000.0
         failure = status >= 500
-        self.metrics.response(ex.metric_key, status, failure, latency)
-        self.metrics.window.add(ex.metric_key, failure, latency, t)
+        self.metrics.record(ex.metric_key, status, failure, latency, t)
         if ex.tap is not None:
             TapHub.finish(ex.tap, status, int(latency * 1000),
                           int((perf_counter() - ex.start) * 1e6), ex.resp_bytes, error)
@@ -699,19 +699,23 @@ class UpstreamConn(asyncio.Protocol):
         ex, server = self.ex, self.server
         if ex is None or server is None:
             return
-        status = self.parser.get_status_code()
+        parser = self.parser
+        status = parser.get_status_code()
         headers = self._headers
-        conn_tokens: set[bytes] = set()
+        conn_tokens: set[bytes] | None = None
         has_len = False
         chunked = False
         for name, value in headers:
-            if name == b"connection":
-                conn_tokens.update(t.strip().lower() for t in value.split(b","))
-            elif name == b"content-length":
-                has_len = True
-            elif name == b"transfer-encoding":
-                chunked = True
-        self.resp_keep_alive = self.parser.should_keep_alive()
+            if name in RESP_SPECIAL:
+                if name == b"connection":
+                    if conn_tokens is None:
+                        conn_tokens = set()
+                    conn_tokens.update(t.strip().lower() for t in value.split(b","))
+                elif name == b"content-length":
+                    has_len = True
+                elif name == b"transfer-encoding":
+                    chunked = True
+        self.resp_keep_alive = parser.should_keep_alive()
         informational = 100 <= status < 200
         if ex.rs is not None and not informational and ex.rs.on_head(ex, status, self):
             # retried: this response is not forwarded; read it to its end (or close)
@@ -729,10 +733,14 @@ class UpstreamConn(asyncio.Protocol):
             headers = modify_headers(route.response_headers, [h for h in headers if h[0] not in FRAMING]) \
                 + [h for h in headers if h[0] in FRAMING]
         parts = [b"HTTP/1.1 %d " % status, self.reason or REASONS.get(status, b"Unknown"), b"\r\n"]
-        for name, value in headers:
-            if name in HOP_BY_HOP or name in conn_tokens:
-                continue
-            parts += [name, b": ", value, b"\r\n"]
+        if conn_tokens is None:
+            for name, value in headers:
+                if name not in HOP_BY_HOP:
+                    parts += [name, b": ", value, b"\r\n"]
+        else:
+            for name, value in headers:
+                if name not in HOP_BY_HOP and name not in conn_tokens:
+                    parts += [name, b": ", value, b"\r\n"]
         bodyless = informational or status in (204, 304) or ex.method == b"HEAD"
         if not informational:
             ex.status = status

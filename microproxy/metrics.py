@@ -64,14 +64,21 @@ class Metrics:
     def request(self, key: str) -> None:
         self.requests[key] = self.requests.get(key, 0) + 1
 
-    def response(self, key: str, status: int, failure: bool, latency_ms: float) -> None:
+    def response(self, key: str, status: int, failure: bool, latency_ms: float) -> int:
+        """Count a response in the histogram; returns its latency bucket index."""
         k = (key, status, "failure" if failure else "success")
         r = self.responses.get(k)
         if r is None:
             r = self.responses[k] = _Response()
-        r.buckets[bisect_left(BUCKETS, latency_ms)] += 1
+        b = bisect_left(BUCKETS, latency_ms)
+        r.buckets[b] += 1
         r.count += 1
         r.sum += latency_ms
+        return b
+
+    def record(self, key: str, status: int, failure: bool, latency_ms: float, now: float) -> None:
+        """A response for the Prometheus histogram and the ``/stats`` window (one bisect)."""
+        self.window.add(key, failure, latency_ms, now, self.response(key, status, failure, latency_ms))
 
     def response_grpc(self, key: str, status: int, grpc_status: int | None, failure: bool,
                       latency_ms: float) -> None:

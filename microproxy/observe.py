@@ -39,7 +39,9 @@ class Window:
         if key not in self.info:
             self.info[key] = fields
 
-    def add(self, key: str, failure: bool, latency_ms: float, now: float) -> None:
+    def add(self, key: str, failure: bool, latency_ms: float, now: float, bucket: int = -1) -> None:
+        """Count one response; ``bucket`` is ``bisect_left(BUCKETS, latency_ms)`` when the
+        caller has it already."""
         sec = int(now)
         if sec != self.cur_sec:
             self._advance(sec)
@@ -48,7 +50,7 @@ class Window:
             row = self.cur[key] = [0, 0, 0, [0] * _NB]
         row[0] += 1
         row[2 if failure else 1] += 1
-        row[3][bisect_left(BUCKETS, latency_ms)] += 1
+        row[3][bisect_left(BUCKETS, latency_ms) if bucket < 0 else bucket] += 1
 
     def _advance(self, sec: int) -> None:
         self.cur_sec = sec

@@ -125,7 +125,14 @@ def state_of(e: balance.Endpoint, now: float) -> str:
 # === route stats (effective = logical requests, actual = attempts) ===
 
 class RouteStats:
+    """Per-route windows. A request answered by its first attempt is one logical request
+    and one attempt: it is added once, to ``both``. A retried request adds its logical
+    outcome to ``effective`` and each attempt to ``actual``. So effective = both +
+    effective, actual = both + actual, at one window update per request when nothing is
+    retried."""
+
     def __init__(self) -> None:
+        self.both = Window()
         self.effective = Window()
         self.actual = Window()
         self.keys: dict[tuple[str, str], str] = {}
@@ -136,20 +143,32 @@ class RouteStats:
             if len(self.keys) > 10000:
                 self.keys.clear()
             k = self.keys[(authority, route)] = labels(authority=authority, route=route)
-            self.effective.describe(k, authority=authority, route=route)
-            self.actual.describe(k, authority=authority, route=route)
+            for w in (self.both, self.effective, self.actual):
+                w.describe(k, authority=authority, route=route)
         return k
 
     def rows(self, window: int, now: float) -> list[dict[str, Any]]:
-        eff = {(r["authority"], r["route"]): r for r in self.effective.summary(window, now)["outbound"]}
-        act = {(r["authority"], r["route"]): r for r in self.actual.summary(window, now)["outbound"]}
-        out = []
+        def by_route(w: Window) -> dict[tuple[str, str], dict[str, Any]]:
+            return {(r["authority"], r["route"]): r for r in w.summary(window, now)["outbound"]}
+        both, eff, act = by_route(self.both), by_route(self.effective), by_route(self.actual)
         empty = {"requests": 0, "success": 0, "failure": 0, "latency_ms_buckets": []}
-        for key in sorted(set(eff) | set(act)):
-            e, a = eff.get(key, empty), act.get(key, empty)
+        out = []
+        for key in sorted(set(both) | set(eff) | set(act)):
+            b = both.get(key, empty)
             out.append({"authority": key[0], "route": key[1],
-                        "effective": {k: e[k] for k in empty}, "actual": {k: a[k] for k in empty}})
+                        "effective": merge_rows(b, eff.get(key, empty)),
+                        "actual": merge_rows(b, act.get(key, empty))})
         return out
+
+
+def merge_rows(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """The sum of two summary rows (counts and latency buckets)."""
+    ba, bb = a["latency_ms_buckets"], b["latency_ms_buckets"]
+    n = max(len(ba), len(bb))
+    return {"requests": a["requests"] + b["requests"], "success": a["success"] + b["success"],
+            "failure": a["failure"] + b["failure"],
+            "latency_ms_buckets": [(ba[i] if i < len(ba) else 0) + (bb[i] if i < len(bb) else 0)
+                                   for i in range(n)]}
 
 
 ROUTES = RouteStats()
@@ -159,7 +178,7 @@ ROUTES = RouteStats()
 
 class ReqState:
     __slots__ = ("out", "conn", "res", "svc", "lb", "t0", "retries", "body", "policy",
-                 "route_key", "admitted", "gen", "try_timer")
+                 "route_key", "admitted", "gen", "try_timer", "first")
 
     def __init__(self, out: Any, conn: "ServerConn", res: Any, svc: Service,
                  policy: retry.RetryPolicy | None, route_key: str) -> None:
@@ -173,6 +192,7 @@ class ReqState:
         self.admitted = True
         self.gen = 0                              # attempt number: a late connect of an old one is dropped
         self.try_timer: Any = None                # the per-try timeout of the attempt in flight
+        self.first: tuple[bool, float] | None = None   # the first attempt's (failed, ms), once ended
 
     # --- attempts
     def begin(self, lb: balance.Endpoint, now: float) -> None:
@@ -229,13 +249,18 @@ class ReqState:
             lb.begin(monotonic())
 
     def _end(self, status: int | None, now: float) -> bool:
-        self._disarm()
-        failed = breaker.is_failure(status)
+        if self.try_timer is not None:
+            self._disarm()
+        failed = status is None or status >= 500
         lb = self.lb
         if lb is not None:
             self.lb = None
             lb.end(now, None if status is None else now - self.t0, failed, random.random())
-        ROUTES.actual.add(self.route_key, failed, (now - self.t0) * 1000.0, perf_counter())
+        ms = (now - self.t0) * 1000.0
+        if self.retries:
+            ROUTES.actual.add(self.route_key, failed, ms, perf_counter())
+        else:   # counted with the logical request at finish(), unless it is retried
+            self.first = (failed, ms)
         return failed
 
     def body_len(self, ex: "Exchange") -> int | None:
@@ -251,6 +276,10 @@ class ReqState:
         return d
 
     def _schedule(self, ex: "Exchange", after: float) -> None:
+        first = self.first
+        if first is not None:   # the first attempt is retried: it is an attempt of its own
+            self.first = None
+            ROUTES.actual.add(self.route_key, first[0], first[1], perf_counter())
         self.retries += 1
         ex.attempts += 1
         ex.upstream = None
@@ -293,7 +322,8 @@ class ReqState:
 
     # --- the end of the logical request
     def finish(self, ex: "Exchange") -> None:
-        self._disarm()
+        if self.try_timer is not None:
+            self._disarm()
         lb = self.lb
         if lb is not None:
             self.lb = None
@@ -302,24 +332,25 @@ class ReqState:
             self.admitted = False
             self.svc.admission.request_done()
         t = ex.resp_at or perf_counter()
-        ROUTES.effective.add(self.route_key, ex.status >= 500 or not ex.status,
-                             (t - ex.start) * 1000.0, t)
+        status = ex.status
+        window = ROUTES.both if self.first is not None and not self.retries else ROUTES.effective
+        window.add(self.route_key, status >= 500 or not status, (t - ex.start) * 1000.0, t)
 
 
 def policy_of(ex: "Exchange") -> tuple[retry.RetryPolicy | None, str]:
-    route = getattr(ex, "route", None)
+    route = ex.route
     if route is None:
-        return settings().default_retry, DEFAULT_NAME
+        return (_settings or settings()).default_retry, DEFAULT_NAME
     if route.retry is None and route.rule == -1:
-        return settings().default_retry, route.name
+        return (_settings or settings()).default_retry, route.name
     return route.retry, route.name
 
 
 def admit(out: Any, conn: "ServerConn", ex: "Exchange", res: Any) -> ReqState | breaker.Reject:
     svc: Service = res.svc
     verdict = svc.admission.request()
-    if isinstance(verdict, breaker.Reject):
-        return verdict
+    if verdict is not breaker.ADMIT:
+        return verdict  # type: ignore[return-value]
     svc.budget.deposit(monotonic())
     policy, name = policy_of(ex)
     return ReqState(out, conn, res, svc, policy, ROUTES.key(res.authority, name))

@@ -110,7 +110,8 @@ class Budget:
 
     def deposit(self, now: float) -> None:
         """Call once per logical request (not per retry)."""
-        i = self._roll(now)
+        gen = int(now // self._width)
+        i = gen % self.BUCKETS if gen == self._gen else self._roll(now)   # same bucket: no roll
         self._deposits[i] += 1
         self._d += 1
 
