@@ -25,6 +25,7 @@ import asyncio
 import logging
 import re
 from collections import deque
+from collections.abc import Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_HEADERS = 100
+MAX_CONCURRENT = 32          # pipelined requests from one peer forwarded at once (inbound)
 MAX_HEAD_BYTES = 60 * 1024
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
@@ -146,7 +148,8 @@ class Exchange:
                  "length", "body", "body_buffered", "body_done", "upstream", "start",
                  "status", "resp_started", "done", "metric_key", "authority", "flag", "attempts",
                  "body_sent", "wire_head", "endpoint", "resp_at", "tap", "resp_bytes", "span",
-                 "route", "timer", "backend_timeout", "on_finish", "rs", "tee")
+                 "route", "timer", "backend_timeout", "on_finish", "rs", "tee", "buf", "buf_len",
+                 "dispatched", "close_after")
 
     def __init__(self, method: bytes, target: bytes, version: str,
                  headers: list[tuple[bytes, bytes]], host: bytes | None, keep_alive: bool,
@@ -184,6 +187,12 @@ class Exchange:
         self.on_finish: Any = None    # (ex) -> None, called once when the exchange ends
         self.rs: Any = None           # outbound: resilience.ReqState (attempts, retries, admission)
         self.tee: Any = None          # outbound: a mirror.Tee copying the request body for mirrors
+        # inbound, pipelined (see ServerConn.send): the response waits in ``buf`` until every
+        # earlier response on the connection was written
+        self.buf: list[bytes] | None = None
+        self.buf_len = 0
+        self.dispatched = False       # sent upstream while an earlier exchange was active
+        self.close_after = False      # finished before its turn: close the connection after it
 
     def head(self, target: bytes, host: bytes | None, extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
              drop: frozenset[bytes] = frozenset()) -> bytes:
@@ -205,6 +214,15 @@ class Exchange:
             parts.append(b"transfer-encoding: chunked\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
+
+    def pipelinable(self) -> bool:
+        """May this request share an upstream connection with requests ahead of it? Only a
+        bodiless GET with no timer and no retry policy: it is safe to send again if the
+        connection dies, and nothing ever has to cut its connection short."""
+        rs = self.rs
+        return (self.method == b"GET" and not self.chunked and not self.length and self.tee is None
+                and self.timer is None and self.backend_timeout is None
+                and (rs is None or rs.policy is None))
 
 
 class ServerConn(asyncio.Protocol):
@@ -234,6 +252,9 @@ class ServerConn(asyncio.Protocol):
         self.written = 0
         self.last_active = 0.0
         self.cache: dict[bytes, Any] = {}   # per-connection route/label cache for the router
+        # inbound from a peer proxy: pipelined GETs are forwarded at once, answered in order
+        self.concurrent = direction == "inbound" and tls
+        self.flush_due = False
         # per-message parse state
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -265,24 +286,32 @@ class ServerConn(asyncio.Protocol):
         if self.tunnel_peer is not None:
             self.tunnel_peer.close()
         ex = self.active
-        if ex is not None and not ex.done:
-            ex.done = True
-            if ex.on_finish is not None:
-                ex.on_finish(ex)
-            if ex.rs is not None:
-                ex.rs.finish(ex)
-            if ex.metric_key and ex.resp_started:
-                # The client left mid-response (e.g. it read a 500's head and hung up): the
-                # response still happened and counts, with its status.
-                self._record(ex, None if ex.status >= 500 else "client disconnected")
-            if ex.span is not None:
-                ex.span.finish(ex, self)  # the client left before the response ended
-            up = ex.upstream
-            if up is not None:
-                up.abort()  # the response has nowhere to go; the upstream's state is unknown
+        if ex is not None:
+            self._abandon(ex)
         for q in self.queue:
+            if q.dispatched:
+                self._abandon(q)
             q.done = True
         self.queue.clear()
+
+    def _abandon(self, ex: Exchange) -> None:
+        """The client left while ``ex`` was in flight."""
+        if ex.done:
+            return
+        ex.done = True
+        if ex.on_finish is not None:
+            ex.on_finish(ex)
+        if ex.rs is not None:
+            ex.rs.finish(ex)
+        if ex.metric_key and ex.resp_started:
+            # The client left mid-response (e.g. it read a 500's head and hung up): the
+            # response still happened and counts, with its status.
+            self._record(ex, None if ex.status >= 500 else "client disconnected")
+        if ex.span is not None:
+            ex.span.finish(ex, self)  # the client left before the response ended
+        up = ex.upstream
+        if up is not None:
+            up.drop(ex)  # the response has nowhere to go
 
     def data_received(self, data: bytes) -> None:
         if not self.read_bytes and data[:3] == b"PRI":   # the first bytes only: HTTP/2 preface?
@@ -386,6 +415,12 @@ class ServerConn(asyncio.Protocol):
         if self.active is None:
             self.active = ex
             self.router.dispatch(self, ex)
+        elif self.concurrent and ex.method == b"GET" and ex.body_done and keep_alive \
+                and len(self.queue) < MAX_CONCURRENT and (not self.queue or self.queue[-1].dispatched):
+            ex.buf = []
+            ex.dispatched = True
+            self.queue.append(ex)
+            self.router.dispatch(self, ex)
         else:
             self.queue.append(ex)
             self.pause("pipeline")
@@ -431,13 +466,39 @@ class ServerConn(asyncio.Protocol):
         else:
             self.transport.write(data)
 
+    def send(self, ex: Exchange, data: bytes) -> None:
+        """Response bytes of ``ex``: written now when it is the active exchange, else kept
+        until its turn (a pipelined request answered before the ones ahead of it)."""
+        buf = ex.buf
+        if buf is None:
+            self.write(data)
+            return
+        buf.append(data)
+        ex.buf_len += len(data)
+        if ex.buf_len > HIGH_WATER and ex.upstream is not None:
+            ex.upstream.pause("downstream")
+
     def cork(self) -> None:
-        self.out = []
+        if self.out is None:
+            self.out = []
 
     def uncork(self) -> None:
-        out, self.out = self.out, None
+        out = self.out
+        if out and self.queue and self.concurrent:
+            # more pipelined responses may end in this loop iteration: one write for all
+            if not self.flush_due:
+                self.flush_due = True
+                self.loop.call_soon(self._flush_due)
+            return
+        self.out = None
         if out:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _flush_due(self) -> None:
+        self.flush_due = False
+        out, self.out = self.out, None
+        if out and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
 
     def flush(self) -> None:
         out = self.out
@@ -459,7 +520,7 @@ class ServerConn(asyncio.Protocol):
             return
         close = not ex.body_done or not ex.keep_alive or self.closing
         ex.status = status
-        self.write(error_response(status, reason, close))
+        self.send(ex, error_response(status, reason, close))
         self.finish(ex, reusable=False, close=close)
 
     def _record(self, ex: Exchange, error: str | None) -> None:
@@ -482,25 +543,45 @@ class ServerConn(asyncio.Protocol):
             ex.on_finish(ex)   # e.g. cancel a route timeout, count the route's response
         if ex.rs is not None:
             ex.rs.finish(ex)   # resilience: admission slot, open attempt, route stats
-        self.flush()
         if ex.metric_key:
             self._record(ex, ex.flag or None)
         if ex.span is not None:
             ex.span.finish(ex, self)
-        self.active = None
         if ex.flag or log.isEnabledFor(logging.DEBUG):
             log.info("access", extra={"direction": self.direction, "authority": ex.authority,
                                       "status": ex.status, "flag": ex.flag, "client_id": self.peer_id})
-        if close or not ex.keep_alive or not ex.body_done or (self.closing and not self.queue):
-            self.transport.close()
+        close = close or not ex.keep_alive or not ex.body_done
+        if ex is not self.active:   # pipelined, answered before its turn: see _next
+            ex.close_after = close
             return
-        self.resume("buffer")
-        if self.queue:
+        self._next(close)
+
+    def _next(self, close: bool) -> None:
+        """The active exchange ended: the next one's turn (or close)."""
+        while True:
+            self.active = None
+            if close or (self.closing and not self.queue):
+                self.flush()
+                self.transport.close()
+                return
+            self.resume("buffer")
+            if not self.queue:
+                return
             nxt = self.queue.popleft()
             self.active = nxt
-            if not self.queue:
+            if not self.queue or self.queue[-1].dispatched:
                 self.resume("pipeline")
-            self.router.dispatch(self, nxt)
+            if not nxt.dispatched:
+                self.router.dispatch(self, nxt)
+                return
+            buf, nxt.buf = nxt.buf, None
+            if buf:
+                self.write(b"".join(buf))
+            if not nxt.done:
+                if nxt.upstream is not None:
+                    nxt.upstream.resume("downstream")
+                return
+            close = nxt.close_after
 
     def _reject(self, status: int, reason: str) -> None:
         log.info("rejected request", extra={"status": status, "reason": reason})
@@ -567,6 +648,13 @@ class UpstreamConn(asyncio.Protocol):
         self.idle_since = 0.0
         self.draining = False            # reading a response that is being retried (not forwarded)
         self.on_close: Any = None        # () -> None once the connection is gone (per-service count)
+        # pipelining (meshed pools): exchanges whose requests were sent after the one in
+        # flight, in order; a None server is a client that left (its response is discarded)
+        self.pipe: deque[tuple[Exchange, ServerConn | None]] = deque()
+        self.pipelinable = False         # every exchange here may have others pipelined behind it
+        self.since = 0.0                 # when the exchange in flight was sent
+        self.wout: list[bytes] | None = None   # pipelined request heads not yet written
+        self.corked: list[ServerConn] | None = None   # servers corked while a read is parsed
 
     # --- asyncio.Protocol
     def connection_made(self, transport: Any) -> None:
@@ -579,13 +667,24 @@ class UpstreamConn(asyncio.Protocol):
         if self.on_close is not None:
             self.on_close()
             self.on_close = None
+        pipe, self.pipe = self.pipe, deque()
+        for pex, pserver in pipe:   # bodiless GETs never answered: safe to send once more
+            if pserver is None or pex.done:
+                continue
+            pex.upstream = None
+            pex.body_sent = False
+            if pex.attempts == 0:
+                pex.attempts += 1
+                self.pool.router_retry(pserver, pex)
+            else:
+                pserver.respond_error(pex, 502, "upstream connection lost", "UC")
         ex, server = self.ex, self.server
         self.ex = self.server = None
         if ex is None or server is None or ex.done:
             return
         if self.resp_until_close and ex.resp_started:
             if self.resp_chunked:
-                server.write(b"0\r\n\r\n")
+                server.send(ex, b"0\r\n\r\n")
             server.finish(ex, reusable=False)
             return
         if not ex.resp_started and self.reused and ex.attempts == 0 and not ex.chunked and not ex.length:
@@ -603,7 +702,10 @@ class UpstreamConn(asyncio.Protocol):
         server.respond_error(ex, 502, "upstream connection lost", "UC")
 
     def data_received(self, data: bytes) -> None:
+        # Each client's bytes from this read leave in one write: its server is corked until
+        # the read is parsed (with pipelining, one read can answer several clients).
         server = self.server
+        corked = self.corked = [] if server is None else [server]
         if server is not None:
             server.cork()
         try:
@@ -613,7 +715,8 @@ class UpstreamConn(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._fail(f"malformed response from upstream: {e}")
         finally:
-            if server is not None:
+            self.corked = None
+            for server in corked:
                 server.uncork()
 
     def _fail(self, reason: str) -> None:
@@ -649,8 +752,17 @@ class UpstreamConn(asyncio.Protocol):
     def attach(self, ex: Exchange, server: ServerConn, head: bytes) -> None:
         self.ex, self.server = ex, server
         ex.upstream = self
+        pool = self.pool
         self.resp_chunked = self.resp_until_close = False
         self.resp_keep_alive = True
+        if pool.depth > 1:
+            self.since = ex.start
+            pool.busy.append(self)
+            self.pipelinable = ex.pipelinable()
+            if self.pipelinable:   # bodiless: its head may leave with the ones pipelined behind it
+                ex.body_sent = True
+                self._queue_head(head)
+                return
         body = ex.body
         if body:
             data = b"".join(body)
@@ -665,11 +777,44 @@ class UpstreamConn(asyncio.Protocol):
         if ex.body_done:
             self.request_complete()
 
+    def pipeline(self, ex: Exchange, server: ServerConn, head: bytes) -> None:
+        """Send ``ex`` behind the exchanges in flight here (HTTP/1.1 pipelining); the heads
+        sent in one loop iteration leave in one write (one TLS record)."""
+        self.pipe.append((ex, server))
+        ex.upstream = self
+        ex.body_sent = True
+        self._queue_head(head)
+
+    def _queue_head(self, head: bytes) -> None:
+        out = self.wout
+        if out is None:
+            self.wout = [head]
+            self.pool.loop.call_soon(self._write_heads)
+        else:
+            out.append(head)
+
+    def _write_heads(self) -> None:
+        out, self.wout = self.wout, None
+        if out and not self.closed:
+            self.transport.write(b"".join(out))
+
     def write(self, data: bytes) -> None:
         self.transport.write(data)
 
     def request_complete(self) -> None:
         pass  # the request is fully sent; nothing to do until the response ends
+
+    def drop(self, ex: Exchange) -> None:
+        """The client of ``ex`` left. Alone here: close. Pipelined with others: read its
+        response to the end and discard it, so theirs still arrive."""
+        if not self.pipe:
+            self.abort()
+            return
+        if ex is self.ex:
+            self.server = None
+            self.draining = True
+            return
+        self.pipe = deque((e, None if e is ex else s) for e, s in self.pipe)
 
     def abort(self) -> None:
         self.ex = self.server = None
@@ -760,7 +905,7 @@ class UpstreamConn(asyncio.Protocol):
                 parts.append(b"connection: close\r\n")
                 ex.keep_alive = False
         parts.append(b"\r\n")
-        server.write(b"".join(parts))
+        server.send(ex, b"".join(parts))
         if ex.method == b"HEAD" and not informational:
             self._end(ex, server)
             # llhttp does not know this response has no body: start a fresh parser.
@@ -773,23 +918,29 @@ class UpstreamConn(asyncio.Protocol):
         ex = self.ex
         if ex is not None and ex.tap is not None:
             ex.resp_bytes += len(data)
+        if ex is None:
+            return
         if self.resp_chunked:
-            server.write(b"%x\r\n%b\r\n" % (len(data), data))
+            server.send(ex, b"%x\r\n%b\r\n" % (len(data), data))
         else:
-            server.write(data)
+            server.send(ex, data)
 
     def on_message_complete(self) -> None:
         ex, server = self.ex, self.server
         if ex is None or server is None:
             if self.draining and not 100 <= self.parser.get_status_code() < 200:
                 self.draining = False
-                self.pool.release(self)
+                self.ex = None
+                if self.parser.should_keep_alive():
+                    self._next()
+                else:
+                    self.close()
             return
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             return  # an interim response; the final one follows
         if self.resp_chunked:
-            server.write(b"0\r\n\r\n")
+            server.send(ex, b"0\r\n\r\n")
         self._end(ex, server)
 
     def _end(self, ex: Exchange, server: ServerConn) -> None:
@@ -800,17 +951,65 @@ class UpstreamConn(asyncio.Protocol):
             if not self.closed:
                 self.transport.resume_reading()
         if reusable:
-            self.pool.release(self)
+            self._next()
         else:
             self.close()
         server.finish(ex)
+
+    def _next(self) -> None:
+        """The response in flight ended: the next pipelined exchange's turn, or the pool."""
+        if not self.pipe:
+            self.pool.release(self)
+            return
+        self.ex, server = self.pipe.popleft()
+        self.server = server
+        self.resp_chunked = self.resp_until_close = False
+        self.resp_keep_alive = True
+        self.since = self.ex.start
+        if server is None:   # its client left: read the response and discard it
+            self.draining = True
+        elif self.corked is not None and server.out is None:
+            server.cork()
+            self.corked.append(server)
+
+
+class Pipelining:
+    """HTTP/1.1 pipelining between our own proxies (``MESH_PIPELINE_*``).
+
+    Once ``after`` connections to an endpoint are busy, a bodiless GET is sent behind the
+    request in flight on the least deep busy connection (at most ``depth`` per connection)
+    whose response in flight started less than ``max_age`` seconds ago, instead of on one
+    more connection. Many requests then share one TLS record and one write on each side;
+    the inbound proxy forwards them at once and answers in order."""
+
+    __slots__ = ("depth", "after", "max_age")
+
+    def __init__(self, depth: int = 16, after: int = 2, max_age: float = 0.010) -> None:
+        self.depth, self.after, self.max_age = depth, after, max_age
+
+    @staticmethod
+    def from_env(env: Mapping[str, str]) -> "Pipelining":
+        try:
+            depth = int(env.get("MESH_PIPELINE_DEPTH") or 16)
+            after = int(env.get("MESH_PIPELINE_AFTER") or 2)
+            max_age = float(env.get("MESH_PIPELINE_MAX_AGE_MS") or 10) / 1000.0
+        except ValueError as e:
+            raise ValueError(f"MESH_PIPELINE_*: {e}") from None
+        if depth < 1 or after < 1 or max_age <= 0:
+            raise ValueError("MESH_PIPELINE_DEPTH and MESH_PIPELINE_AFTER must be >= 1, "
+                             "MESH_PIPELINE_MAX_AGE_MS > 0")
+        return Pipelining(depth, after, max_age)
+
+
+NO_PIPELINING = Pipelining(depth=1)
 
 
 class Pool:
     """Idle keep-alive connections to one upstream address."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, connect: Any, retry: Any,
-                 max_idle: int = 128, idle_timeout: float = 60.0) -> None:
+                 max_idle: int = 128, idle_timeout: float = 60.0,
+                 pipelining: "Pipelining | None" = None) -> None:
         self.loop = loop
         self._connect = connect          # async () -> UpstreamConn
         self.router_retry = retry        # (server, ex) -> None
@@ -818,6 +1017,29 @@ class Pool:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.active = 0
+        p = pipelining or NO_PIPELINING
+        self.depth, self.after, self.max_age = p.depth, p.after, p.max_age
+        self.busy: list[UpstreamConn] = []   # carrying exchanges (only when depth > 1)
+
+    def pipeline_target(self) -> UpstreamConn | None:
+        """A busy connection to pipeline one more GET on, once ``after`` connections are
+        busy: one whose response in flight is young (never behind a slow one) and not too
+        deep; the one already holding heads to write in this loop iteration, else the least
+        deep."""
+        busy = self.busy
+        if len(busy) < self.after:
+            return None
+        best = None
+        oldest = perf_counter() - self.max_age
+        depth = self.depth - 1
+        for up in busy:
+            n = len(up.pipe)
+            if up.pipelinable and up.since >= oldest and n < depth and not up.closed:
+                if up.wout is not None:
+                    return up   # heads are waiting to be written there: join them (one record)
+                if best is None or n < len(best.pipe):
+                    best = up
+        return best
 
     def take(self) -> UpstreamConn | None:
         idle = self.idle
@@ -832,6 +1054,11 @@ class Pool:
         return await self._connect(self)
 
     def release(self, up: UpstreamConn) -> None:
+        if self.busy:
+            try:
+                self.busy.remove(up)
+            except ValueError:
+                pass
         if up.closed:
             return
         if len(self.idle) >= self.max_idle:
@@ -841,10 +1068,11 @@ class Pool:
         self.idle.append(up)
 
     def discard(self, up: UpstreamConn) -> None:
-        try:
-            self.idle.remove(up)
-        except ValueError:
-            pass  # not idle: it was carrying an exchange
+        for conns in (self.idle, self.busy):
+            try:
+                conns.remove(up)
+            except ValueError:
+                pass  # not idle: it was carrying an exchange
 
     def sweep(self, now: float) -> None:
         for up in [u for u in self.idle if now - u.idle_since > self.idle_timeout]:

@@ -17,8 +17,8 @@ from . import clock, ctlhttp, resilience
 from .authz import Authorizer
 from .config import Config
 from .discovery import Discovery, Endpoint, Resolution
-from .http1 import (OK_CONNECT, Exchange, Pool, ServerConn, TunnelPeer, UpstreamConn,
-                    error_response)
+from .http1 import (OK_CONNECT, Exchange, Pipelining, Pool, ServerConn, TunnelPeer,
+                    UpstreamConn, error_response)
 from .identity_client import Credentials, IdentityClient, describe_creds, refresh_in
 from .metrics import CONTENT_TYPE, Metrics, labels
 from .mirror import Mirrors
@@ -35,6 +35,7 @@ SWEEP_INTERVAL = 5.0
 IDLE_TIMEOUT = 90.0          # downstream keep-alive connections with nothing in flight
 HEADER_TIMEOUT = 10.0        # a request head must arrive this fast (slowloris)
 DROP_CLIENT_ID = frozenset((b"x-mesh-client-id",))
+PIPELINED = "outbound_http_pipelined_total"   # requests sent behind another on a connection
 
 
 def normalize_authority(host: bytes) -> str | None:
@@ -105,6 +106,7 @@ class Outbound:
         self.pools: dict[tuple[tuple[str, int], str | None], Pool] = {}   # identity None: plaintext
         self.hosts: dict[bytes, str | None] = {}
         self.routing = RouteRouter(self)   # HTTPRoute decisions (routes.py)
+        self.pipelining = Pipelining.from_env(os.environ)   # to peer proxies only
 
     def _authority(self, host: bytes) -> str | None:
         auth = self.hosts.get(host)
@@ -214,7 +216,8 @@ class Outbound:
                     proxy.cfg.connect_timeout + HANDSHAKE_TIMEOUT)
                 return up
 
-            pool = self.pools[key] = Pool(proxy.loop, connect, self.retry, idle_timeout=60.0)
+            pool = self.pools[key] = Pool(proxy.loop, connect, self.retry, idle_timeout=60.0,
+                                          pipelining=self.pipelining if ep.identity is not None else None)
         return pool
 
     def send(self, conn: ServerConn, ex: Exchange, res: Resolution) -> None:
@@ -251,6 +254,12 @@ class Outbound:
                 "workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
                 "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"}, True)
         pool = self.pool(ep)
+        if pool.depth > 1 and ex.pipelinable():
+            up = pool.pipeline_target()
+            if up is not None:
+                proxy.metrics.inc(PIPELINED, ep.metric_key)
+                up.pipeline(ex, conn, ex.wire_head)
+                return
         up = pool.take()
         if up is not None:
             up.attach(ex, conn, ex.wire_head)
