@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 
 import uvloop
 
 from .config import Config
+from .http1 import Pipelining
 from .logfmt import setup_logging
 from .proxy import Proxy
 
@@ -44,6 +46,7 @@ def run() -> None:
         sys.exit(init_main(sys.argv[2:]))
     try:
         cfg = Config.from_env()
+        Pipelining.from_env(os.environ)   # fail here, with one line, on a bad MESH_PIPELINE_*
     except (ValueError, OSError) as e:
         print(f"microproxy: {e}", file=sys.stderr)
         sys.exit(2)

@@ -159,7 +159,7 @@ class Authorizer:
                                               "reason": d.reason, "flag": "DENY",
                                               "authority": ex.authority})
             close = not ex.body_done or not ex.keep_alive or conn.closing
-            conn.write(grpc_denied(d.reason, close))
+            conn.send(ex, grpc_denied(d.reason, close))
             conn.finish(ex, reusable=False, close=close)
         else:
             conn.respond_error(ex, 403, d.reason, "DENY")

@@ -37,6 +37,7 @@ class Endpoint:
     metric_key: str
     weight: int = 10000
     lb: Any = None            # its core.balance.Endpoint (EWMA, pending, breaker), kept across snapshots
+    pool: Any = None          # the outbound's connection pool to it (a cache: Outbound.pool)
 
 
 class Resolution:
@@ -62,6 +63,9 @@ class Resolution:
         lb = self.lb
         if not lb:
             return None
+        if len(lb) == 1:   # nothing to choose: no random draws
+            e = lb[0]
+            return e.key if e.breaker is None or e.ready(monotonic()) else None  # type: ignore[no-any-return]
         rand = self.rand
         e = balance.pick(lb, monotonic(), rand(), rand())
         return None if e is None else e.key  # type: ignore[no-any-return]

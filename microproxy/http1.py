@@ -149,7 +149,7 @@ class Exchange:
                  "status", "resp_started", "done", "metric_key", "authority", "flag", "attempts",
                  "body_sent", "wire_head", "endpoint", "resp_at", "tap", "resp_bytes", "span",
                  "route", "timer", "backend_timeout", "on_finish", "rs", "tee", "buf", "buf_len",
-                 "dispatched", "close_after")
+                 "dispatched", "close_after", "truncated")
 
     def __init__(self, method: bytes, target: bytes, version: str,
                  headers: list[tuple[bytes, bytes]], host: bytes | None, keep_alive: bool,
@@ -193,6 +193,7 @@ class Exchange:
         self.buf_len = 0
         self.dispatched = False       # sent upstream while an earlier exchange was active
         self.close_after = False      # finished before its turn: close the connection after it
+        self.truncated = False        # ... and its response was cut: abort after its bytes
 
     def head(self, target: bytes, host: bytes | None, extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
              drop: frozenset[bytes] = frozenset()) -> bytes:
@@ -484,7 +485,7 @@ class ServerConn(asyncio.Protocol):
 
     def uncork(self) -> None:
         out = self.out
-        if out and self.queue and self.concurrent:
+        if out and self.concurrent and (self.queue or self.flush_due):
             # more pipelined responses may end in this loop iteration: one write for all
             if not self.flush_due:
                 self.flush_due = True
@@ -514,8 +515,13 @@ class ServerConn(asyncio.Protocol):
         log.warning("proxy error", extra={"status": status, "reason": reason, "flag": flag,
                                           "authority": ex.authority})
         if ex.resp_started:
-            self.finish(ex, reusable=False)
-            self.out = None
+            # The response is cut short: the client must see it end abruptly (an abort), but
+            # only after the complete responses ahead of it.
+            if ex is not self.active and ex.buf is not None:
+                ex.truncated = True   # pipelined, not its turn yet: _next aborts after its bytes
+                self.finish(ex, reusable=False)
+                return
+            self.finish(ex, reusable=False, close=True)   # flushes what is corked, then closes
             self.transport.abort()
             return
         close = not ex.body_done or not ex.keep_alive or self.closing
@@ -580,6 +586,11 @@ class ServerConn(asyncio.Protocol):
             if not nxt.done:
                 if nxt.upstream is not None:
                     nxt.upstream.resume("downstream")
+                return
+            if nxt.truncated:
+                self.active = None
+                self.flush()
+                self.transport.abort()
                 return
             close = nxt.close_after
 
@@ -813,6 +824,10 @@ class UpstreamConn(asyncio.Protocol):
         if ex is self.ex:
             self.server = None
             self.draining = True
+            if self.paused:   # paused for that client's sake: the others must not wait
+                self.paused.clear()
+                if not self.closed:
+                    self.transport.resume_reading()
             return
         self.pipe = deque((e, None if e is ex else s) for e, s in self.pipe)
 
@@ -855,7 +870,10 @@ class UpstreamConn(asyncio.Protocol):
                 if name == b"connection":
                     if conn_tokens is None:
                         conn_tokens = set()
-                    conn_tokens.update(t.strip().lower() for t in value.split(b","))
+                    if b"," in value:
+                        conn_tokens.update(t.strip().lower() for t in value.split(b","))
+                    else:
+                        conn_tokens.add(value.strip().lower())
                 elif name == b"content-length":
                     has_len = True
                 elif name == b"transfer-encoding":
@@ -989,16 +1007,13 @@ class Pipelining:
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> "Pipelining":
-        try:
-            depth = int(env.get("MESH_PIPELINE_DEPTH") or 16)
-            after = int(env.get("MESH_PIPELINE_AFTER") or 2)
-            max_age = float(env.get("MESH_PIPELINE_MAX_AGE_MS") or 10) / 1000.0
-        except ValueError as e:
-            raise ValueError(f"MESH_PIPELINE_*: {e}") from None
-        if depth < 1 or after < 1 or max_age <= 0:
-            raise ValueError("MESH_PIPELINE_DEPTH and MESH_PIPELINE_AFTER must be >= 1, "
-                             "MESH_PIPELINE_MAX_AGE_MS > 0")
-        return Pipelining(depth, after, max_age)
+        def number(name: str, default: str) -> float:
+            text = (env.get(name) or default).strip()
+            if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) < 1:
+                raise ValueError(f"{name}={text!r}: want a whole number >= 1")
+            return int(text)
+        return Pipelining(int(number("MESH_PIPELINE_DEPTH", "16")), int(number("MESH_PIPELINE_AFTER", "2")),
+                          number("MESH_PIPELINE_MAX_AGE_MS", "10") / 1000.0)
 
 
 NO_PIPELINING = Pipelining(depth=1)

@@ -198,6 +198,13 @@ class Outbound:
             conn.respond_error(ex, 504, f"no endpoints for {res.authority} (fail-fast)", "NR")
 
     def pool(self, ep: Endpoint) -> Pool:
+        pool = ep.pool
+        if pool is not None:
+            return pool  # type: ignore[no-any-return]
+        ep.pool = pool = self._pool(ep)
+        return pool
+
+    def _pool(self, ep: Endpoint) -> Pool:
         key = (ep.addr, ep.identity)
         pool = self.pools.get(key)
         if pool is None:
