@@ -753,6 +753,11 @@ class Proxy:
                                                "labels": e.labels} for e in r.endpoints]}
                             for a, r in self.discovery.resolutions.items()},
             "pools": {f"{k[0][0]}:{k[0][1]}": len(p.idle) for k, p in self.outbound.pools.items()},
+            # connections carrying requests: how many are in flight on each (pipelining)
+            "pools_busy": {f"{k[0][0]}:{k[0][1]}": [1 + len(up.pipe) for up in p.busy]
+                           for k, p in self.outbound.pools.items()},
+            "pipelining": {"depth": self.outbound.pipelining.depth, "after": self.outbound.pipelining.after,
+                           "max_age_ms": round(self.outbound.pipelining.max_age * 1000.0, 3)},
             "profiles": self.profiles.describe(), "mirrors": self.mirrors.describe(),
             "balancer": resilience.describe(self.discovery.resolutions),
             "connections": len(self.conns),

@@ -15,6 +15,7 @@ really pipelines.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -992,3 +993,10 @@ def test_e2e_concurrent_keepalive_gets_each_get_their_own_response(pipe_mesh: Pi
 
     pipelined = metric_sum(pipe_mesh.client.metrics(), PIPELINED)
     assert pipelined > 0, "the client proxy never pipelined"
+
+    # /config shows the settings in force and what each busy connection carries
+    status, body = pipe_mesh.client.admin_get("/config")
+    assert status == 200
+    cfg = json.loads(body)
+    assert cfg["pipelining"] == {"depth": 16, "after": 1, "max_age_ms": 100.0}
+    assert all(all(1 <= n <= 16 for n in depths) for depths in cfg["pools_busy"].values())
