@@ -570,7 +570,8 @@ class ServerConn(asyncio.Protocol):
                 self.flush()
                 self.transport.close()
                 return
-            self.resume("buffer")
+            if self.paused:
+                self.resume("buffer")
             if not self.queue:
                 return
             nxt = self.queue.popleft()
