@@ -20,6 +20,7 @@ from time import monotonic
 from . import ctlhttp, resilience
 from .config import Config, split_addr
 from .core import balance
+from .core.breaker import CLOSED
 from .metrics import labels
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ class Resolution:
             return None
         if len(lb) == 1:   # nothing to choose: no random draws
             e = lb[0]
-            return e.key if e.breaker is None or e.ready(monotonic()) else None  # type: ignore[no-any-return]
+            b = e.breaker
+            ok = b is None or b.state is CLOSED or b.ready(monotonic())
+            return e.key if ok else None  # type: ignore[no-any-return]
         rand = self.rand
         e = balance.pick(lb, monotonic(), rand(), rand())
         return None if e is None else e.key  # type: ignore[no-any-return]

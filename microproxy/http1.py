@@ -455,8 +455,6 @@ class ServerConn(asyncio.Protocol):
                 ex.body.append(b"0\r\n\r\n")
         if ex.tee is not None:
             ex.tee.done(ex, b"0\r\n\r\n" if ex.chunked else b"")
-        if ex.upstream is not None and ex.done is False:
-            ex.upstream.request_complete()
 
     # --- used by routers and upstreams
     def write(self, data: bytes) -> None:
@@ -718,8 +716,8 @@ class UpstreamConn(asyncio.Protocol):
         # the read is parsed (with pipelining, one read can answer several clients).
         server = self.server
         corked = self.corked = [] if server is None else [server]
-        if server is not None:
-            server.cork()
+        if server is not None and server.out is None:
+            server.out = []   # cork
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -761,7 +759,8 @@ class UpstreamConn(asyncio.Protocol):
                 self.transport.resume_reading()
 
     # --- driving an exchange
-    def attach(self, ex: Exchange, server: ServerConn, head: bytes) -> None:
+    def attach(self, ex: Exchange, server: ServerConn, head: bytes,
+               pipelinable: bool | None = None) -> None:
         self.ex, self.server = ex, server
         ex.upstream = self
         pool = self.pool
@@ -770,7 +769,7 @@ class UpstreamConn(asyncio.Protocol):
         if pool.depth > 1:
             self.since = ex.start
             pool.busy.append(self)
-            self.pipelinable = ex.pipelinable()
+            self.pipelinable = ex.pipelinable() if pipelinable is None else pipelinable
             if self.pipelinable:   # bodiless: its head may leave with the ones pipelined behind it
                 ex.body_sent = True
                 self._queue_head(head)
@@ -786,8 +785,6 @@ class UpstreamConn(asyncio.Protocol):
         else:
             self.transport.write(head)
         ex.body_sent = True
-        if ex.body_done:
-            self.request_complete()
 
     def pipeline(self, ex: Exchange, server: ServerConn, head: bytes) -> None:
         """Send ``ex`` behind the exchanges in flight here (HTTP/1.1 pipelining); the heads
@@ -812,9 +809,6 @@ class UpstreamConn(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
-
-    def request_complete(self) -> None:
-        pass  # the request is fully sent; nothing to do until the response ends
 
     def drop(self, ex: Exchange) -> None:
         """The client of ``ex`` left. Alone here: close. Pipelined with others: read its

@@ -118,7 +118,8 @@ class Outbound:
         return auth
 
     def dispatch(self, conn: ServerConn, ex: Exchange) -> None:
-        host, path = split_target(ex.target)
+        target = ex.target
+        host, path = (None, target) if target[:1] == b"/" else split_target(target)
         if host is None:
             if not path:
                 conn.respond_error(ex, 400, "unsupported request target", "BR")
@@ -127,7 +128,7 @@ class Outbound:
         if not host:
             conn.respond_error(ex, 400, "no authority in request", "BR")
             return
-        auth = self._authority(host)
+        auth = self.hosts.get(host, "") or self._authority(host)
         if auth is None:
             conn.respond_error(ex, 400, "invalid authority", "BR")
             return
@@ -139,7 +140,8 @@ class Outbound:
         if prof.table is None:   # the routes of a new authority are not known yet
             self.proxy.spawn(self._wait_profile(conn, ex, prof, host, path))
             return
-        self.routing.default(conn, ex, prof)
+        if prof.default is not None:   # no HTTPRoute: the [default] route is only counted
+            self.routing.count(ex, prof.default)
         tracer = self.proxy.tracer
         ex.wire_head = ex.head(path, host) if tracer is None else \
             ex.head(path, host, *tracer.begin(ex, CLIENT, path))
@@ -245,7 +247,8 @@ class Outbound:
             conn.respond_error(ex, 503, resilience.CIRCUIT_OPEN, "UO")
             return
         st.begin(ep.lb, resilience.monotonic())
-        st.arm(ex)   # the per-try timeout, when the route has one and a retry policy
+        if st.policy is not None:
+            st.arm(ex)   # the per-try timeout, when the route has one
         ex.endpoint = ep
         ex.metric_key = ep.metric_key
         proxy = self.proxy
@@ -261,7 +264,8 @@ class Outbound:
                 "workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
                 "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"}, True)
         pool = self.pool(ep)
-        if pool.depth > 1 and ex.pipelinable():
+        pipelinable = pool.depth > 1 and ex.pipelinable()
+        if pipelinable:
             up = pool.pipeline_target()
             if up is not None:
                 proxy.metrics.inc(PIPELINED, ep.metric_key)
@@ -269,7 +273,7 @@ class Outbound:
                 return
         up = pool.take()
         if up is not None:
-            up.attach(ex, conn, ex.wire_head)
+            up.attach(ex, conn, ex.wire_head, pipelinable)
         else:
             self.proxy.spawn(self._connect_then_attach(conn, ex, pool))
 
@@ -380,24 +384,28 @@ class Inbound:
                 return up
             self.app_pool = Pool(proxy.loop, connect, self.retry, idle_timeout=4.0)
 
-    def metric_key(self, conn: ServerConn, host: bytes | None) -> str:
-        key = conn.cache.get(host)
-        if key is None:
-            auth = (host or b"").decode("latin-1")
-            if conn.tls:
-                key = labels(direction="inbound", authority=auth, tls="true", client_id=conn.peer_id or "")
-            else:
-                key = labels(direction="inbound", authority=auth, tls="no_identity",
-                             no_tls_reason="no_tls_from_remote")
-            conn.cache[host] = key
-            self.proxy.metrics.window.describe(key, direction="inbound", authority=auth,
-                                               client_id=conn.peer_id, tls=conn.tls)
-        return key  # type: ignore[no-any-return]
+    def per_host(self, conn: Any, host: bytes | None) -> tuple[str, str, list[tuple[bytes, bytes]]]:
+        """(metric key, authority, extra request headers) for requests to ``host`` on
+        ``conn``: computed once per connection and host."""
+        auth = (host or b"").decode("latin-1")
+        if conn.tls:
+            key = labels(direction="inbound", authority=auth, tls="true", client_id=conn.peer_id or "")
+        else:
+            key = labels(direction="inbound", authority=auth, tls="no_identity",
+                         no_tls_reason="no_tls_from_remote")
+        self.proxy.metrics.window.describe(key, direction="inbound", authority=auth,
+                                           client_id=conn.peer_id, tls=conn.tls)
+        extra = [(b"x-mesh-client-id", conn.peer_id.encode())] if conn.peer_id else []
+        entry = conn.cache[host] = (key, auth, extra)
+        return entry
+
+    def metric_key(self, conn: Any, host: bytes | None) -> str:
+        """The inbound metric label string for ``host`` on ``conn`` (an HTTP/1 or h2 connection)."""
+        return (conn.cache.get(host) or self.per_host(conn, host))[0]
 
     def dispatch(self, conn: ServerConn, ex: Exchange) -> None:
-        key = self.metric_key(conn, ex.host)
+        key, ex.authority, extra = conn.cache.get(ex.host) or self.per_host(conn, ex.host)
         ex.metric_key = key
-        ex.authority = (ex.host or b"").decode("latin-1")
         proxy = self.proxy
         proxy.metrics.request(key)
         if proxy.tap.subs:
@@ -411,7 +419,6 @@ class Inbound:
             return
         if not proxy.authz.allow_http(conn, ex):
             return  # denied and answered (403, or gRPC PERMISSION_DENIED)
-        extra = [(b"x-mesh-client-id", conn.peer_id.encode())] if conn.peer_id else []
         tracer = self.proxy.tracer
         ex.wire_head = ex.head(ex.target, ex.host, extra, DROP_CLIENT_ID) if tracer is None else \
             ex.head(ex.target, ex.host, *tracer.begin(ex, SERVER, ex.target, extra, DROP_CLIENT_ID))

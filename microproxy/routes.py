@@ -54,7 +54,8 @@ class RouteRouter:
         self._keys: dict[int, tuple[Route, str, str, str]] = {}
         self.rand = random.random
 
-    def _count(self, ex: Exchange, route: Route) -> None:
+    def count(self, ex: Exchange, route: Route) -> None:
+        """Count a request on ``route`` (route_request_total) and its response when it ends."""
         entry = self._keys.get(id(route))
         if entry is None or entry[0] is not route:
             if len(self._keys) >= MAX_KEYS:
@@ -79,14 +80,14 @@ class RouteRouter:
     def default(self, conn: ServerConn, ex: Exchange, prof: Profile) -> None:
         """No HTTPRoute: the request goes to the authority itself; only counted."""
         if prof.default is not None:
-            self._count(ex, prof.default)
+            self.count(ex, prof.default)
 
     def route(self, conn: ServerConn, ex: Exchange, prof: Profile, host: bytes, path: bytes) -> None:
         table = prof.table
         assert table is not None
         rpath, query = split_target(path)
         route = table.select(ex.method, rpath, query, ex.headers)
-        self._count(ex, route)
+        self.count(ex, route)
         if route.fault is not None:
             inject = decide(route.fault, self.rand(), self.rand())
             if inject.delay:

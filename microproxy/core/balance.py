@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from math import exp
 
-from .breaker import Breaker
+from .breaker import CLOSED, Breaker
 
 DEFAULT_RTT = 0.030
 DECAY = 10.0
@@ -82,16 +82,21 @@ class Endpoint:
 
     def begin(self, now: float) -> None:
         self.pending += 1
-        if self.breaker is not None:
-            self.breaker.begin(now)
+        b = self.breaker
+        if b is not None and b.state is not CLOSED:   # closed: Breaker.begin has nothing to do
+            b.begin(now)
 
     def end(self, now: float, rtt: float | None, failed: bool = False, rand: float = 0.0) -> None:
         """The request finished: ``rtt`` is None when no response came (connect error)."""
         self.pending -= 1
         if rtt is not None:
             self.ewma.observe(rtt, now)
-        if self.breaker is not None:
-            self.breaker.record(failed, now, rand)
+        b = self.breaker
+        if b is not None:
+            if failed:
+                b.failure(now, rand)
+            elif b.state is not CLOSED or b.failures:   # closed, no failures: success is a no-op
+                b.success()
 
     def cancel(self) -> None:
         """The request was abandoned without an outcome."""
