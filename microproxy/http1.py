@@ -839,11 +839,8 @@ class UpstreamConn(asyncio.Protocol):
             self.pool.discard(self)
             self.transport.close()
 
-    # --- httptools callbacks
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self.reason = b""
-
+    # --- httptools callbacks (no on_message_begin: the head's state is taken, and reset,
+    # when the head is complete; one call less per response)
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
@@ -851,12 +848,13 @@ class UpstreamConn(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        headers, reason = self._headers, self.reason
+        self._headers, self.reason = [], b""
         ex, server = self.ex, self.server
         if ex is None or server is None:
             return
         parser = self.parser
         status = parser.get_status_code()
-        headers = self._headers
         conn_tokens: set[bytes] | None = None
         has_len = False
         chunked = False
@@ -890,7 +888,7 @@ class UpstreamConn(asyncio.Protocol):
             # ResponseHeaderModifier; the framing headers are the upstream's, never modified
             headers = modify_headers(route.response_headers, [h for h in headers if h[0] not in FRAMING]) \
                 + [h for h in headers if h[0] in FRAMING]
-        parts = [b"HTTP/1.1 %d " % status, self.reason or REASONS.get(status, b"Unknown"), b"\r\n"]
+        parts = [b"HTTP/1.1 %d " % status, reason or REASONS.get(status, b"Unknown"), b"\r\n"]
         if conn_tokens is None:
             for name, value in headers:
                 if name not in HOP_BY_HOP:
