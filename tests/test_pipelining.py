@@ -248,6 +248,23 @@ def bodies_of(data: bytes) -> list[bytes]:
     return [r.body for r in responses(data)]
 
 
+
+async def on_one_connection(*paths: str) -> tuple["Rig", list[ServerConn], UpstreamConn]:
+    """Pipelining on; one client per path sends its GET, in order: the first is in flight
+    and the others are pipelined behind it, all heads written. (rig, clients, connection)"""
+    rig = Rig(ON)
+    clients = [rig.client() for _ in paths]
+    for client, path in zip(clients, paths):
+        client.data_received(get(path))
+    await turn()
+    return rig, clients, rig.ups[0]
+
+
+async def two_on_one_connection() -> tuple["Rig", ServerConn, ServerConn, UpstreamConn]:
+    """Client a's GET /a in flight and client b's GET /b pipelined behind it."""
+    rig, (a, b), up = await on_one_connection("/a", "/b")
+    return rig, a, b, up
+
 # --- a. outbound: GETs share one connection
 
 def test_outbound_gets_ride_one_connection_and_get_their_own_responses() -> None:
@@ -440,12 +457,7 @@ def test_leaver_in_flight_follower_still_served() -> None:
     the connection is kept, the leaver's response is read and discarded, the follower gets
     its full response, and the connection goes back to the pool."""
     async def scenario() -> None:
-        rig = Rig(ON)
-        a, b = rig.client(), rig.client()
-        a.data_received(get("/a"))
-        b.data_received(get("/b"))
-        await turn()
-        up = rig.ups[0]
+        rig, a, b, up = await two_on_one_connection()
         a.transport.close()
         a.connection_lost(None)
         assert not up.closed and not up.transport.closed
@@ -459,12 +471,7 @@ def test_leaver_in_flight_follower_still_served() -> None:
 def test_leaver_in_flight_follower_served_across_reads() -> None:
     """As above, with the discarded response arriving in pieces before the follower's."""
     async def scenario() -> None:
-        rig = Rig(ON)
-        a, b = rig.client(), rig.client()
-        a.data_received(get("/a"))
-        b.data_received(get("/b"))
-        await turn()
-        up = rig.ups[0]
+        rig, a, b, up = await two_on_one_connection()
         up.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234")
         assert a.transport.data() == b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234"
         n = len(a.transport.writes)
@@ -481,12 +488,7 @@ def test_leaver_pipelined_behind() -> None:
     """The client of a pipelined (not yet answered) GET leaves: the exchange in flight is
     answered, the leaver's response is discarded, the connection goes back to the pool."""
     async def scenario() -> None:
-        rig = Rig(ON)
-        a, b = rig.client(), rig.client()
-        a.data_received(get("/a"))
-        b.data_received(get("/b"))
-        await turn()
-        up = rig.ups[0]
+        rig, a, b, up = await two_on_one_connection()
         b.connection_lost(None)
         assert list(up.pipe) == [(up.pipe[0][0], None)]
         up.data_received(ok(b"for a") + ok(b"for b, discarded"))
@@ -545,12 +547,7 @@ def test_connection_lost_retries_pipelined_once_then_502() -> None:
     Lost again (the retries on one connection, one in flight and one pipelined), neither is
     retried a second time: both are answered 502 with ``x-mesh-proxy-error``."""
     async def scenario() -> None:
-        rig = Rig(ON)
-        a, b, c = rig.client(), rig.client(), rig.client()
-        for cl, p in ((a, "/a"), (b, "/b"), (c, "/c")):
-            cl.data_received(get(p))
-        await turn()
-        up = rig.ups[0]
+        rig, (a, b, c), up = await on_one_connection("/a", "/b", "/c")
         ea, eb, ec = active(a), active(b), active(c)
         up.connection_lost(ConnectionResetError())
         assert rig.retried == [(b, eb), (c, ec)]
@@ -584,12 +581,7 @@ def test_malformed_response_fails_in_flight_and_retries_pipelined() -> None:
     502 UPE, the connection is aborted, and (once the loop reports the loss) the GETs
     pipelined behind are retried."""
     async def scenario() -> None:
-        rig = Rig(ON)
-        a, b = rig.client(), rig.client()
-        a.data_received(get("/a"))
-        b.data_received(get("/b"))
-        await turn()
-        up = rig.ups[0]
+        rig, a, b, up = await two_on_one_connection()
         up.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: nope\r\n\r\n")
         (r,) = responses(a.transport.data())
         assert r.status == 502 and r.headers[ERROR_HEADER].startswith(b"malformed response")
@@ -603,12 +595,7 @@ def test_connection_lost_skips_leavers() -> None:
     """On a lost connection a pipelined exchange whose client already left is neither
     retried nor answered."""
     async def scenario() -> None:
-        rig = Rig(ON)
-        a, b, c = rig.client(), rig.client(), rig.client()
-        for cl, p in ((a, "/a"), (b, "/b"), (c, "/c")):
-            cl.data_received(get(p))
-        await turn()
-        up = rig.ups[0]
+        rig, (a, b, c), up = await on_one_connection("/a", "/b", "/c")
         b.connection_lost(None)
         up.connection_lost(None)
         assert rig.retried == [(c, c.active)]
