@@ -770,7 +770,9 @@ class UpstreamConn(asyncio.Protocol):
             self.since = ex.start
             pool.busy.append(self)
             self.pipelinable = ex.pipelinable() if pipelinable is None else pipelinable
-            if self.pipelinable:   # bodiless: its head may leave with the ones pipelined behind it
+            if self.pipelinable and len(pool.busy) >= pool.after:
+                # bodiless, and GETs may be pipelined behind it in this loop iteration: its
+                # head leaves with theirs (at light load it is written at once, as always)
                 ex.body_sent = True
                 self._queue_head(head)
                 return

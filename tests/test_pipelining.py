@@ -415,20 +415,22 @@ def test_after_depth_and_least_deep() -> None:
     async def scenario() -> None:
         rig = Rig(Pipelining(depth=3, after=2, max_age=10.0))
         cs = [rig.client() for _ in range(7)]
-        cs[0].data_received(get("/0"))          # busy: 1 < after -> a new connection
-        cs[1].data_received(get("/1"))          # busy: 1 < after -> another one
-        assert len(rig.ups) == 2
+        cs[0].data_received(get("/0"))          # busy: 1 < after -> a new connection, written at once
+        assert rig.ups[0].transport.writes == [wire_get("/0")]
+        cs[1].data_received(get("/1"))          # busy: 1 < after -> another one; now 2 busy:
+        assert len(rig.ups) == 2                # its head waits for the ones pipelined behind it
         A, B = rig.ups
-        cs[2].data_received(get("/2"))          # both have heads waiting: the first found
-        assert [e for e, _ in A.pipe] == [cs[2].active] and not B.pipe
+        assert B.transport.writes == []
+        cs[2].data_received(get("/2"))          # B has heads waiting: joins them (A is as deep)
+        assert [e for e, _ in B.pipe] == [cs[2].active] and not A.pipe
         await turn()                            # heads written: no preference by pending heads
-        assert A.transport.writes == [wire_get("/0") + wire_get("/2")]
-        cs[3].data_received(get("/3"))          # least deep: B (0) over A (1)
-        assert [e for e, _ in B.pipe] == [cs[3].active]
-        cs[4].data_received(get("/4"))          # B has heads pending: joins them
-        assert [e for e, _ in B.pipe] == [cs[3].active, cs[4].active]
-        cs[5].data_received(get("/5"))          # B full (depth 3 = 1 in flight + 2): A
-        assert len(A.pipe) == 2
+        assert B.transport.writes == [wire_get("/1") + wire_get("/2")]
+        cs[3].data_received(get("/3"))          # least deep: A (0) over B (1)
+        assert [e for e, _ in A.pipe] == [cs[3].active]
+        cs[4].data_received(get("/4"))          # A has heads pending: joins them
+        assert [e for e, _ in A.pipe] == [cs[3].active, cs[4].active]
+        cs[5].data_received(get("/5"))          # A full (depth 3 = 1 in flight + 2): B
+        assert len(B.pipe) == 2
         cs[6].data_received(get("/6"))          # both full: a new connection
         assert len(rig.ups) == 3 and rig.ups[2].ex is cs[6].active
         assert rig.pipelined() == 4
