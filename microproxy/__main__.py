@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 import os
 import signal
 import sys
@@ -11,7 +10,7 @@ import sys
 import uvloop
 
 from .config import Config
-from .http1 import Pipelining
+from .upstream import Pipelining
 from .logfmt import setup_logging
 from .proxy import Proxy
 

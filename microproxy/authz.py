@@ -27,7 +27,8 @@ from urllib.parse import quote
 
 from . import ctlhttp
 from .config import Config
-from .http1 import ERROR_HEADER, Exchange, ServerConn, error_response
+from .downstream import ServerConn
+from .http1 import ERROR_HEADER, Exchange, error_response
 from .metrics import Metrics
 from .policy import NOT_KNOWN, Compiled, Decision, PolicyError, compile_policies
 

@@ -31,7 +31,7 @@ Environment (all optional unless marked):
 | MESH_TRACE_COLLECTOR | none (tracing off) | OTLP/HTTP JSON traces URL, e.g. `http://127.0.0.1:4318/v1/traces` |
 | MESH_TRANSPARENT | `0` | `1`: the outbound listener takes iptables-redirected connections (`mesh run --netns`): HTTP by Host as usual, other TCP by SO_ORIGINAL_DST (microproxy/transparent.py) |
 | MESH_TRACE_SAMPLE | `1` | probability (0..1) of sampling a new root trace; a caller's sampled flag wins |
-| MESH_PIPELINE_DEPTH / MESH_PIPELINE_AFTER / MESH_PIPELINE_MAX_AGE_MS | `16` / `2` / `10` | HTTP/1.1 pipelining of bodiless GETs to peer proxies: at most DEPTH per connection (1 = off), once AFTER connections to the endpoint are busy, only behind a response in flight for less than MAX_AGE_MS (http1.Pipelining) |
+| MESH_PIPELINE_DEPTH / MESH_PIPELINE_AFTER / MESH_PIPELINE_MAX_AGE_MS | `16` / `2` / `10` | HTTP/1.1 pipelining of bodiless GETs to peer proxies: at most DEPTH per connection (1 = off), once AFTER connections to the endpoint are busy, only behind a response in flight for less than MAX_AGE_MS (upstream.Pipelining) |
 | MESH_OPAQUE_PORTS | none | comma list of ports and ranges (`25,3306,4000-4010`; the `config.micromesh.io/opaque-ports` annotation): with MESH_TRANSPARENT, connections whose original destination port is listed skip protocol detection and go straight to the opaque tunnel (portranges.py) |
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@ multiplexed proxy-to-proxy connections, streaming both ways with real flow contr
 
 Theory of operation
 -------------------
-Detection. ``ServerConn`` (http1.py) calls ``take_over`` with the first bytes of every
+Detection. ``ServerConn`` (downstream.py) calls ``take_over`` with the first bytes of every
 connection that starts with ``PRI``; if they are the HTTP/2 client preface, an
 ``H2ServerConn`` replaces it on the same transport (``transport.set_protocol``). That covers
 prior-knowledge h2c on the outbound listener, plaintext h2c on the inbound listener, and

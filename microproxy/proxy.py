@@ -17,8 +17,8 @@ from . import clock, ctlhttp, resilience
 from .authz import Authorizer
 from .config import Config
 from .discovery import Discovery, Endpoint, Resolution
-from .http1 import (OK_CONNECT, Exchange, Pipelining, Pool, ServerConn, TunnelPeer,
-                    UpstreamConn, error_response)
+from .downstream import OK_CONNECT, ServerConn, TunnelPeer
+from .http1 import Exchange, error_response
 from .identity_client import Credentials, IdentityClient, describe_creds, refresh_in
 from .metrics import CONTENT_TYPE, Metrics, labels
 from .mirror import Mirrors
@@ -26,6 +26,7 @@ from .profiles import Profile, Profiles
 from .routes import RouteRouter
 from .observe import Subscriber, TapHub
 from .tracing import CLIENT, SERVER, build_tracer
+from .upstream import Pipelining, Pool, UpstreamConn
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,9 @@ from .metrics import labels
 from .observe import Window
 
 if TYPE_CHECKING:
-    from .http1 import Exchange, ServerConn, UpstreamConn
+    from .downstream import ServerConn
+    from .http1 import Exchange
+    from .upstream import UpstreamConn
 
 CIRCUIT_OPEN = "all endpoints are failing (circuit open)"
 

@@ -15,7 +15,7 @@ Per request, for a service with HTTPRoutes (``Outbound.dispatch`` calls ``route`
    ``timeouts.backendRequest`` is set on ``ex.backend_timeout``: with a retry policy it is
    the per-try timeout (``resilience.ReqState.arm``: a cut try is retried); without one it
    bounds the request here (one attempt). ``ResponseHeaderModifier`` is applied by
-   ``http1.UpstreamConn`` to the response head (``ex.route.response_headers``).
+   ``upstream.UpstreamConn`` to the response head (``ex.route.response_headers``).
    On expiry: the upstream is aborted and the caller gets 504 with
    ``x-mesh-proxy-error: request timeout (...)`` and flag ``UT``. The timer is cancelled
    when the exchange ends (``ex.on_finish``).
@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from .core.fault import decide
 from .core.fields import render_duration
 from .core.routing import Route, choose_backend, should_mirror, split_target
-from .http1 import Exchange, ServerConn
+from .downstream import ServerConn
+from .http1 import Exchange
 from .metrics import labels
 from .profiles import Profile
 from .tracing import CLIENT

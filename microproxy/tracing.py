@@ -37,7 +37,8 @@ from .tracecontext import TRACE_HEADERS, Decision, decide, extract, inject
 
 if TYPE_CHECKING:
     from .config import Config
-    from .http1 import Exchange, ServerConn
+    from .downstream import ServerConn
+    from .http1 import Exchange
     from .metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ import socket
 from typing import Any
 
 from . import resilience
-from .http1 import ServerConn, TunnelPeer
+from .downstream import ServerConn, TunnelPeer
 from .netutil import original_dst
 from .portranges import in_ranges
 

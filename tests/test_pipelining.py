@@ -1,4 +1,4 @@
-"""HTTP/1.1 pipelining between our own proxies (microproxy/http1.py, microproxy/proxy.py).
+"""HTTP/1.1 pipelining between our own proxies (microproxy/upstream.py, downstream.py, proxy.py).
 
 Outbound, a meshed ``Pool`` built with ``Pipelining(depth, after, max_age)`` sends a bodiless
 GET behind the exchange in flight on a busy ``UpstreamConn`` (heads of one loop iteration in
@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 import uvloop
 
-from microproxy.http1 import (ERROR_HEADER, HIGH_WATER, MAX_CONCURRENT, Exchange, Pipelining, Pool,
-                              ServerConn, UpstreamConn)
+from microproxy.downstream import ServerConn
+from microproxy.http1 import ERROR_HEADER, HIGH_WATER, MAX_CONCURRENT, Exchange
+from microproxy.upstream import Pipelining, Pool, UpstreamConn
 from microproxy.metrics import Metrics, labels
 from microproxy.proxy import PIPELINED
 from tests.harness import Conn, identity_of, metric_sum, running_mesh
