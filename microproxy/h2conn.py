@@ -86,7 +86,8 @@ class H2Exchange:
     """One request stream through the proxy: what routing, balancing and metrics need."""
 
     __slots__ = ("down", "up", "start", "resp_at", "status", "grpc", "grpc_status", "done",
-                 "metric_key", "lb", "authority", "headers", "timer", "flag", "router")
+                 "metric_key", "lb", "authority", "headers", "timer", "flag", "router", "tap",
+                 "resp_bytes")
 
     def __init__(self, down: "Half", headers: list[tuple[bytes, bytes]], router: Any) -> None:
         self.down = down
@@ -104,6 +105,15 @@ class H2Exchange:
         self.timer: Any = None
         self.flag = ""
         self.router = router
+        self.tap: Any = None          # a TapHub handle when someone taps this stream
+        self.resp_bytes = 0           # response DATA bytes, counted only while tapped
+
+    def pseudo(self, name: bytes) -> bytes:
+        """A request pseudo-header's value (``:method``, ``:path``, ...), b"" when absent."""
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return b""
 
 
 class Half:
@@ -355,6 +365,9 @@ class H2Conn(asyncio.Protocol):
             half.early.append(("d", ev.data))
             return
         half.unacked += n
+        x = half.x
+        if x is not None and x.tap is not None and half is not x.down:   # response bytes, tapped
+            x.resp_bytes += len(ev.data)
         peer.send_data(ev.data)
         peer.release()
         if peer.conn.dirty:

@@ -19,7 +19,11 @@ the peer's MAX_CONCURRENT_STREAMS is reached. Inbound, streams go to the app ove
 
 Flow control, limits and the connection protocols: h2conn.py.
 
-Not here (yet): HTTPRoutes, retries, the resilience admission limits, tap and tracing for
+Tap: each stream is offered to ``mesh tap`` subscribers like an HTTP/1 request (outbound
+once an endpoint is picked, inbound once authorized); the end event carries the gRPC
+status.
+
+Not here (yet): HTTPRoutes, retries, the resilience admission limits and tracing for
 HTTP/2 streams; HTTP/2 to an HTTP/1-only app (no downgrade); CONNECT over HTTP/2.
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ from h2.errors import ErrorCodes
 from . import clock, grpc, tls
 from .authz import HTTP_ALLOW, HTTP_DENY
 from .h2conn import H2ClientConn, H2Exchange, H2Pool, H2ServerConn, Half, clean_headers
+from .observe import TapHub
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +160,12 @@ class Router2:
         if down.conn.dirty:
             down.conn.flush()
 
+    def tap(self, x: H2Exchange, dst: dict[str, Any]) -> None:
+        """Offer the stream to tap subscribers (``mesh tap``), as HTTP/1 requests are."""
+        conn = x.down.conn
+        x.tap = self.proxy.tap_request(conn, x.pseudo(b":method"), x.authority, x.pseudo(b":path"),
+                                       dst, conn.tls or conn.direction == "outbound")
+
     def finish(self, x: H2Exchange, error: str | None) -> None:
         if x.done:
             return
@@ -163,6 +174,9 @@ class Router2:
             x.timer.cancel()
         t = x.resp_at or perf_counter()
         latency = (t - x.start) * 1000.0
+        if x.tap is not None:
+            TapHub.finish(x.tap, x.status, int(latency * 1000), int((perf_counter() - x.start) * 1e6),
+                          x.resp_bytes, error, x.grpc_status if x.grpc else None)
         failure = grpc.failed(x.status, x.grpc_status, x.grpc) or (x.status == 0)
         if x.lb is not None:   # the balancer's view: latency, and failures for the breaker
             if error in CLIENT_GONE:
@@ -258,6 +272,9 @@ class Outbound2(Router2):
                 ep.metric_key, direction="outbound", authority=x.authority, server_id=ep.identity,
                 dst_workload=ep.labels.get("workload"), dst_namespace=ep.labels.get("namespace"),
                 dst_pod=ep.labels.get("pod"), tls=True)
+        if proxy.tap.subs:
+            self.tap(x, {"workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
+                         "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"})
         headers = clean_headers(x.headers)
         pool = self.pool(ep)
         c = pool.take()
@@ -341,6 +358,10 @@ class Inbound2(Router2):
             self.fail(x, 403, d.reason)
             return
         proxy.metrics.inc(HTTP_ALLOW, d.metric_key)
+        if proxy.tap.subs:
+            cfg = proxy.cfg
+            self.tap(x, {"workload": cfg.workload, "namespace": cfg.namespace, "identity": cfg.identity,
+                         "addr": f"127.0.0.1:{cfg.app_port}"})
         self.arm_deadline(x)
         headers = clean_headers(x.headers, frozenset((CLIENT_ID,)))
         if conn.peer_id:

@@ -261,7 +261,7 @@ class Outbound:
                 dst_workload=ep.labels.get("workload"), dst_namespace=ep.labels.get("namespace"),
                 dst_pod=ep.labels.get("pod"), tls=ep.identity is not None)
         if proxy.tap.subs and ex.tap is None:
-            ex.tap = proxy.tap_request(conn, ex, split_target(ex.target)[1] or ex.target, {
+            ex.tap = proxy.tap_request(conn, ex.method, ex.authority, split_target(ex.target)[1] or ex.target, {
                 "workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
                 "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"}, True)
         pool = self.pool(ep)
@@ -411,7 +411,7 @@ class Inbound:
         proxy.metrics.request(key)
         if proxy.tap.subs:
             cfg = proxy.cfg
-            ex.tap = proxy.tap_request(conn, ex, ex.target, {
+            ex.tap = proxy.tap_request(conn, ex.method, ex.authority, ex.target, {
                 "workload": cfg.workload, "namespace": cfg.namespace, "identity": cfg.identity,
                 "addr": f"127.0.0.1:{cfg.app_port}"}, conn.tls)
         pool = self.app_pool
@@ -511,8 +511,10 @@ class Proxy:
         self.discovery.reset_client()
 
     # --- observability
-    def tap_request(self, conn: ServerConn, ex: Exchange, path: bytes, dst: dict[str, Any],
-                    tls: bool) -> Any:
+    def tap_request(self, conn: Any, method: bytes, authority: str, path: bytes,
+                    dst: dict[str, Any], tls: bool) -> Any:
+        """Offer a request to the tap subscribers (``conn``: an HTTP/1 or HTTP/2 connection
+        with ``direction``, ``peer_id`` and ``transport``); a handle when someone taps it."""
         cfg = self.cfg
         peer = conn.transport.get_extra_info("peername")
         peer_addr = f"{peer[0]}:{peer[1]}" if peer else None
@@ -523,9 +525,9 @@ class Proxy:
             sa, ns = identity_parts(conn.peer_id)
             src = {"workload": sa, "namespace": ns, "identity": conn.peer_id, "addr": peer_addr}
         now = clock.monotonic()
-        return self.tap.request(ex.method, path, ex.authority, now, {
+        return self.tap.request(method, path, authority, now, {
             "direction": conn.direction, "ts": clock.now(), "src": src, "dst": dst, "tls": tls,
-            "method": ex.method.decode("latin-1"), "authority": ex.authority,
+            "method": method.decode("latin-1"), "authority": authority,
             "path": path.decode("latin-1")})
 
     def tcp_totals(self) -> tuple[int, int, int, int]:

@@ -10,12 +10,15 @@ channel (one HTTP/2 connection) are balanced per request. The servers run in thi
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import queue
 import socket
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -409,3 +412,86 @@ def test_h2load_many_streams_through_the_mesh(world: World, tmp_path) -> None:  
     assert r.returncode == 0, r.stderr
     assert "3000 succeeded, 0 failed, 0 errored" in r.stdout, r.stdout
     assert "status codes: 3000 2xx" in r.stdout, r.stdout
+
+
+class TapStream:
+    """A streamed ``/tap`` subscription on a proxy's admin port (what ``mesh tap`` reads);
+    a thread reads its JSON lines into a queue."""
+
+    def __init__(self, proxy: ProxyProc, path: str) -> None:
+        self.conn = http.client.HTTPConnection(HOST, proxy.admin, timeout=30)
+        self.conn.request("GET", f"/tap?max_rps=1000&path={path}")
+        self.resp = self.conn.getresponse()
+        assert self.resp.status == 200
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while line := self.resp.readline():
+                self.lines.put(line)
+        except (OSError, ValueError, http.client.HTTPException):
+            pass   # closed by the test
+
+    def events(self, until: Callable[[list[dict]], bool], poke: Callable[[], None]) -> list[dict]:
+        """Events until ``until(events)``; ``poke()`` makes traffic, again whenever a second
+        passes with nothing (the subscription may not have been registered yet)."""
+        got: list[dict] = []
+        deadline = time.monotonic() + 15
+        while not until(got):
+            assert time.monotonic() < deadline, got
+            poke()
+            try:
+                while not until(got):
+                    got.append(json.loads(self.lines.get(timeout=1.0)))
+            except queue.Empty:
+                continue
+        return got
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_tap_sees_grpc_calls_both_ways(world: World) -> None:
+    """``/tap`` (``mesh tap``) shows HTTP/2 streams as it shows HTTP/1 requests: a req, rsp
+    and end event per gRPC call, with method, :path, the peers and the grpc-status, on the
+    client's proxy (outbound) and on the server's (inbound)."""
+    taps = [TapStream(world.client, f"/{SERVICE}/Fail")] + \
+        [TapStream(p, f"/{SERVICE}/Fail") for p in world.proxies]
+
+    def call() -> None:
+        with world.channel() as ch:
+            with pytest.raises(grpc.RpcError):
+                ch.unary_unary(f"/{SERVICE}/Fail")(b"", timeout=10)
+
+    def ended(events: list[dict]) -> bool:
+        return any(e["type"] == "end" for e in events)
+
+    try:
+        out = taps[0].events(ended, call)
+        req = next(e for e in out if e["type"] == "req")
+        assert req["direction"] == "outbound" and req["method"] == "POST"
+        assert req["path"] == f"/{SERVICE}/Fail" and req["authority"] == world.authority
+        assert req["dst"]["workload"] == "greeter" and req["tls"] is True
+        rsp = next(e for e in out if e["type"] == "rsp" and e["id"] == req["id"])
+        end = next(e for e in out if e["type"] == "end" and e["id"] == req["id"])
+        assert rsp["status"] == 200 and end["grpc_status"] == 14
+        # inbound: the replica that served the next call saw it, from the client's identity
+        seen: list[dict] = []
+        deadline = time.monotonic() + 15
+        while not ended(seen):
+            assert time.monotonic() < deadline, seen
+            call()
+            for tap in taps[1:]:
+                try:
+                    while True:
+                        seen.append(json.loads(tap.lines.get(timeout=0.5)))
+                except queue.Empty:
+                    pass
+        inbound = next(e for e in seen if e["type"] == "req")
+        assert inbound["direction"] == "inbound"
+        assert inbound["src"]["identity"] == "client.default.serviceaccount.identity.cluster.local"
+        assert next(e for e in seen if e["type"] == "end")["grpc_status"] == 14
+    finally:
+        for tap in taps:
+            tap.close()
