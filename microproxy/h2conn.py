@@ -87,7 +87,7 @@ class H2Exchange:
 
     __slots__ = ("down", "up", "start", "resp_at", "status", "grpc", "grpc_status", "done",
                  "metric_key", "lb", "authority", "headers", "timer", "flag", "router", "tap",
-                 "resp_bytes")
+                 "resp_bytes", "method", "endpoint", "span")
 
     def __init__(self, down: "Half", headers: list[tuple[bytes, bytes]], router: Any) -> None:
         self.down = down
@@ -107,6 +107,9 @@ class H2Exchange:
         self.router = router
         self.tap: Any = None          # a TapHub handle when someone taps this stream
         self.resp_bytes = 0           # response DATA bytes, counted only while tapped
+        self.method = b""             # for tracing (set by the router when it traces)
+        self.endpoint: Any = None     # outbound: the discovery.Endpoint picked
+        self.span: Any = None         # a tracing.Span when this stream is traced
 
     def pseudo(self, name: bytes) -> bytes:
         """A request pseudo-header's value (``:method``, ``:path``, ...), b"" when absent."""

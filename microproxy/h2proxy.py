@@ -19,12 +19,11 @@ the peer's MAX_CONCURRENT_STREAMS is reached. Inbound, streams go to the app ove
 
 Flow control, limits and the connection protocols: h2conn.py.
 
-Tap: each stream is offered to ``mesh tap`` subscribers like an HTTP/1 request (outbound
-once an endpoint is picked, inbound once authorized); the end event carries the gRPC
-status.
+Tap and tracing: each stream is offered to ``mesh tap`` subscribers and, with tracing on,
+gets a span, like an HTTP/1 request (outbound once an endpoint is picked, inbound once
+authorized); the tap end event and the span carry the gRPC status.
 
-Not here (yet): HTTPRoutes, retries, the resilience admission limits and tracing for
-HTTP/2 streams; HTTP/2 to an HTTP/1-only app (no downgrade); CONNECT over HTTP/2.
+Not here (yet): HTTPRoutes, retries and the resilience admission limits for HTTP/2 streams; HTTP/2 to an HTTP/1-only app (no downgrade); CONNECT over HTTP/2.
 """
 from __future__ import annotations
 
@@ -39,6 +38,7 @@ from . import clock, grpc, tls
 from .authz import HTTP_ALLOW, HTTP_DENY
 from .h2conn import H2ClientConn, H2Exchange, H2Pool, H2ServerConn, Half, clean_headers
 from .observe import TapHub
+from .tracing import CLIENT, SERVER
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +166,22 @@ class Router2:
         x.tap = self.proxy.tap_request(conn, x.pseudo(b":method"), x.authority, x.pseudo(b":path"),
                                        dst, conn.tls or conn.direction == "outbound")
 
+    def trace(self, x: H2Exchange, kind: int, extra: list[tuple[bytes, bytes]],
+              drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+        """The headers to send on: ``x``'s, cleaned, with ``extra``; with tracing on, the
+        stream gets a span and the trace context headers are rewritten (tracing.py)."""
+        tracer = self.proxy.tracer
+        if tracer is not None:
+            x.method = x.pseudo(b":method")
+            extra, drop = tracer.begin(x, kind, x.pseudo(b":path"), extra, drop)
+        return clean_headers(x.headers, drop) + list(extra)
+
     def finish(self, x: H2Exchange, error: str | None) -> None:
         if x.done:
             return
         x.done = True
+        if x.span is not None:
+            x.span.finish(x, x.down.conn)
         if x.timer is not None:
             x.timer.cancel()
         t = x.resp_at or perf_counter()
@@ -264,6 +276,7 @@ class Outbound2(Router2):
             return
         proxy = self.proxy
         x.lb = ep.lb
+        x.endpoint = ep
         ep.lb.begin(clock.monotonic())
         x.metric_key = ep.metric_key
         proxy.metrics.request(ep.metric_key)
@@ -275,7 +288,7 @@ class Outbound2(Router2):
         if proxy.tap.subs:
             self.tap(x, {"workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
                          "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"})
-        headers = clean_headers(x.headers)
+        headers = self.trace(x, CLIENT, [], frozenset())
         pool = self.pool(ep)
         c = pool.take()
         if c is not None:
@@ -363,9 +376,8 @@ class Inbound2(Router2):
             self.tap(x, {"workload": cfg.workload, "namespace": cfg.namespace, "identity": cfg.identity,
                          "addr": f"127.0.0.1:{cfg.app_port}"})
         self.arm_deadline(x)
-        headers = clean_headers(x.headers, frozenset((CLIENT_ID,)))
-        if conn.peer_id:
-            headers.append((CLIENT_ID, conn.peer_id.encode()))
+        headers = self.trace(x, SERVER, [(CLIENT_ID, conn.peer_id.encode())] if conn.peer_id else [],
+                             frozenset((CLIENT_ID,)))
         c = self.app_pool.take()
         if c is not None:
             self.open_upstream(x, c, headers)

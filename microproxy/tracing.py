@@ -11,7 +11,9 @@ caller's context, decides, and returns the rewritten trace headers as ``extra``/
 ``Exchange.head`` (the rules are in ``tracecontext``). A sampled request gets a ``Span`` on
 ``Exchange.span``; ``ServerConn.finish`` (or the loss of the client's connection) calls
 ``Span.finish``, which adds the attributes and puts the span on a bounded queue (full: the
-span is dropped and counted in ``trace_spans_dropped_total{reason="queue_full"}``).
+span is dropped and counted in ``trace_spans_dropped_total{reason="queue_full"}``). HTTP/2
+streams (``h2conn.H2Exchange``, gRPC calls) are traced the same way by ``h2proxy``; a gRPC
+call's span carries ``rpc.grpc.status_code`` and fails when the status is not OK.
 
 ``Tracer.run`` exports the queue every ``FLUSH_INTERVAL``, or as soon as a batch is full,
 POSTing OTLP JSON (``otlp``) with a short timeout. An export error drops its batch (counted,
@@ -189,6 +191,11 @@ class Tracer:
             peer = conn.transport.get_extra_info("peername")
         span.attrs = request_attrs(ex, conn.direction, span.target, peer, conn.tls, conn.peer_id)
         span.error = span_error(ex.status, ex.flag)
+        gs = getattr(ex, "grpc_status", None) if getattr(ex, "grpc", False) else None
+        if gs is not None:   # an HTTP/2 gRPC call: its status, and a failure when not OK
+            span.attrs.append(("rpc.grpc.status_code", gs))
+            if gs != 0 and span.error is None:
+                span.error = f"grpc-status {gs}"
         span.tracer = None
         self.record(span)
 

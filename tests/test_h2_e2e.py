@@ -26,6 +26,7 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 
+from tests.test_tracing_e2e import Collector, by_kind  # noqa: E402
 from tests.harness import (HOST, Mesh, ProxyProc, metric_sum, running_mesh,  # noqa: E402
                            wait_until)
 
@@ -495,3 +496,57 @@ def test_tap_sees_grpc_calls_both_ways(world: World) -> None:
     finally:
         for tap in taps:
             tap.close()
+
+
+# --- tracing of gRPC calls
+
+TRACE = "5bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+
+
+@pytest.fixture(scope="module")
+def traced_grpc() -> Iterator[tuple[Collector, ProxyProc, str]]:
+    """One greeter behind a proxy and a client proxy, both exporting spans to a collector."""
+    collector = Collector()
+    g = Greeter("traced")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((g.handler(),))
+    port = server.add_insecure_port(f"{HOST}:0")
+    server.start()
+    try:
+        with running_mesh() as mesh:
+            on = {"MESH_TRACE_COLLECTOR": collector.url}
+            procs = [mesh.start_proxy("tgreeter", app_port=port, wait=False, **on),
+                     mesh.start_proxy("tclient", wait=False, **on)]
+            for p in procs:
+                p.wait_ready()
+            yield collector, procs[1], f"tgreeter.default:{port}"
+            tracebacks = mesh.logs_with("Traceback")
+            assert not tracebacks, f"tracebacks in {tracebacks}"
+    finally:
+        server.stop(0)
+        collector.close()
+
+
+def test_grpc_calls_are_traced_across_both_proxies(traced_grpc: tuple[Collector, ProxyProc, str]) -> None:
+    """A gRPC call with a W3C traceparent gets a CLIENT span on the client's proxy and a
+    SERVER span (its child) on the server's, named after the method and :path; a call that
+    fails with a gRPC status marks both spans as failed and records the status."""
+    collector, client, authority = traced_grpc
+    with grpc.insecure_channel(f"{HOST}:{client.outbound}", options=[
+            ("grpc.default_authority", authority), ("grpc.enable_http_proxy", 0)]) as ch:
+        ch.unary_unary(f"/{SERVICE}/Who")(b"", timeout=10,
+                                         metadata=(("traceparent", f"00-{TRACE}-{PARENT}-01"),))
+        failing = "6bf92f3577b34da6a3ce929d0e0e4736"
+        with pytest.raises(grpc.RpcError):
+            ch.unary_unary(f"/{SERVICE}/Fail")(b"", timeout=10,
+                                              metadata=(("traceparent", f"00-{failing}-{PARENT}-01"),))
+    out, inb = by_kind(collector.wait_trace(TRACE, 2))
+    assert out["parentSpanId"] == PARENT and inb["parentSpanId"] == out["spanId"]
+    for span in (out, inb):
+        assert span["name"] == f"POST /{SERVICE}/Who"
+        assert span["attrs"]["http.status_code"] == 200 and span["attrs"]["rpc.grpc.status_code"] == 0
+        assert span["status"] == {}
+    assert out["attrs"]["dst_workload"] == "tgreeter" and inb["attrs"]["client_id"].startswith("tclient.")
+    for span in by_kind(collector.wait_trace(failing, 2)):
+        assert span["attrs"]["rpc.grpc.status_code"] == 14 and span["status"]["code"] == 2
