@@ -295,28 +295,63 @@ class H2Conn(asyncio.Protocol):
             self.transport.close()
             return
         for ev in events:
-            t = type(ev)
-            if t is DataReceived:
-                self.on_data(ev)
-            elif t is RequestReceived:
-                self.on_request(ev)
-            elif t is ResponseReceived:
-                self.on_response(ev)
-            elif t is StreamEnded:
-                self.on_end(ev.stream_id)
-            elif t is TrailersReceived:
-                self.on_trailers(ev)
-            elif t is WindowUpdated:
-                self.on_window(ev.stream_id)
-            elif t is StreamReset:
-                self.on_reset(ev)
-            elif t is PingReceived or t is RemoteSettingsChanged:
-                self.control_frame()
-            elif t is ConnectionTerminated:
-                self.on_goaway(ev)
+            try:
+                self.on_event(ev)
+            except Exception:   # noqa: BLE001 - a bug handling one stream must not end the others
+                log.exception("HTTP/2 event handling failed", extra={"event": type(ev).__name__})
+                self.stream_failed(getattr(ev, "stream_id", 0) or 0)
             if self.closed:
                 return
         self.flush()
+
+    def on_event(self, ev: Any) -> None:
+        t = type(ev)
+        if t is DataReceived:
+            self.on_data(ev)
+        elif t is RequestReceived:
+            self.on_request(ev)
+        elif t is ResponseReceived:
+            self.on_response(ev)
+        elif t is StreamEnded:
+            self.on_end(ev.stream_id)
+        elif t is TrailersReceived:
+            self.on_trailers(ev)
+        elif t is WindowUpdated:
+            self.on_window(ev.stream_id)
+        elif t is StreamReset:
+            self.on_reset(ev)
+        elif t is PingReceived or t is RemoteSettingsChanged:
+            self.control_frame()
+        elif t is ConnectionTerminated:
+            self.on_goaway(ev)
+
+    def stream_failed(self, sid: int) -> None:
+        """Handling an event of stream ``sid`` raised: that stream is reset (INTERNAL_ERROR)
+        and its exchange ends as a proxy error; a connection-level event closes the
+        connection."""
+        half = self.streams.get(sid) if sid else None
+        if half is None:
+            if sid:
+                try:
+                    self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+                except (ProtocolError, StreamClosedError):
+                    pass
+                return
+            self.transport.close()
+            self.closed = True
+            return
+        x = half.x
+        if x is not None and not x.done:
+            x.flag = "PE"
+            try:
+                x.router.finish(x, "proxy error")
+            except Exception:   # noqa: BLE001 - already failing; the reset below still happens
+                log.exception("HTTP/2 stream clean-up failed")
+        for h in (half, half.peer):
+            if h is not None:
+                h.reset(ErrorCodes.INTERNAL_ERROR)
+                if h.conn is not self and h.conn.dirty:
+                    h.conn.flush()
 
     def control_frame(self) -> None:
         sec = int(self.loop.time())
