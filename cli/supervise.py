@@ -50,7 +50,10 @@ PROXY_TUNABLES = ("MESH_LOG_LEVEL", "MESH_ACCESS_LOG", "MESH_SHUTDOWN_GRACE_PERI
                   "MESH_FAILFAST_TIMEOUT", "MESH_CONNECT_TIMEOUT", "MESH_DEFAULT_INBOUND_POLICY",
                   # resilience (microproxy/resilience.py)
                   "MESH_FAILURE_ACCRUAL", "MESH_MAX_PENDING_REQUESTS", "MESH_MAX_CONNECTIONS_PER_SERVICE",
-                  "MESH_DEFAULT_RETRY")
+                  "MESH_DEFAULT_RETRY",
+                  # tracing (microproxy/tracing.py) and pipelining (microproxy/upstream.py)
+                  "MESH_TRACE_COLLECTOR", "MESH_TRACE_SAMPLE",
+                  "MESH_PIPELINE_DEPTH", "MESH_PIPELINE_AFTER", "MESH_PIPELINE_MAX_AGE_MS")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 

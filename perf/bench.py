@@ -63,7 +63,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="first wait up to S seconds for the (shared) machine to be idle")
     ap.add_argument("--keep-workdir", action="store_true", help="keep configs, certs and logs")
+    ap.add_argument("--proxy-env", action="append", default=[], metavar="MESH_X=V",
+                    help="environment for the meshed proxies, e.g. MESH_PIPELINE_DEPTH=1 (repeatable)")
     a = ap.parse_args(argv)
+    env = {}
+    for item in a.proxy_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("MESH_"):
+            ap.error(f"--proxy-env takes MESH_NAME=VALUE; got {item!r}")
+        env[name] = value
+    a.proxy_env = env
     a.only = [r.strip() for r in a.only.split(",") if r.strip()]
     bad = [r for r in a.only if r not in ROUTES]
     if bad or not a.only:
@@ -88,8 +97,10 @@ def log(msg: str) -> None:
 class Builder:
     """Starts the app and each route's proxies under one Supervisor."""
 
-    def __init__(self, sup: procs.Supervisor, work: Path, nginx_bin: str | None, app_kind: str) -> None:
+    def __init__(self, sup: procs.Supervisor, work: Path, nginx_bin: str | None, app_kind: str,
+                 proxy_env: dict[str, str] | None = None) -> None:
         self.sup, self.work, self.nginx_bin = sup, work, nginx_bin
+        self.proxy_env = proxy_env or {}
         self.app_kind = app_kind if nginx_bin else "python"
         self._app: tuple[int, list[int]] | None = None
 
@@ -126,7 +137,8 @@ class Builder:
                              {"outbound": out_workers, "inbound": in_workers})
 
     def meshed(self) -> measure.Route:
-        m = mesh.start(self.sup, self.work, lambda port: self.app_command(port, "mesh-app"))
+        m = mesh.start(self.sup, self.work, lambda port: self.app_command(port, "mesh-app"),
+                       proxy_env=self.proxy_env)
         return measure.Route("meshed", TITLES["meshed"], m.url, m.host, m.app_pids,
                              {"outbound": m.outbound_pids, "inbound": m.inbound_pids}, m.counters)
 
@@ -147,6 +159,7 @@ def run(a: argparse.Namespace) -> int:
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": sysinfo.machine(), "versions": sysinfo.versions(nginx_bin),
         "pinning": pinning.describe(), "loadavg_at_start": sysinfo.loadavg(),
+        "proxy_env": a.proxy_env,
         "settings": {"quick": a.quick, "duration": s.duration, "warmup": s.warmup, "rate": s.rate,
                      "fixed_conns": s.fixed_conns, "wrk_conns": s.wrk_conns, "rounds": a.rounds,
                      "only": a.only},
@@ -168,7 +181,7 @@ def run(a: argparse.Namespace) -> int:
     # SIGINT too: a shell that starts us in the background ignores it otherwise.
     old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        b = Builder(sup, work, nginx_bin, a.app)
+        b = Builder(sup, work, nginx_bin, a.app, a.proxy_env)
         if b.app_kind != "nginx":
             res["notes"].append("app: perf/app.py (uvloop + httptools), "
                                 + ("nginx is not installed" if not nginx_bin else "--app python"))

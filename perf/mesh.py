@@ -120,7 +120,8 @@ def _pids_with_env(name: str, value: str) -> list[int]:
 
 def start(sup: procs.Supervisor, work: Path, app_command: Callable[[int], list[str]],
           ready_timeout: float = 30.0,
-          more_apps: dict[str, Callable[[int], list[str]]] | None = None) -> Mesh:
+          more_apps: dict[str, Callable[[int], list[str]]] | None = None,
+          proxy_env: dict[str, str] | None = None) -> Mesh:
     """Bring up a mesh in ``work``; ``app_command(port)`` is the app's argv (listening on port).
 
     ``more_apps`` (name -> argv maker) are run as further meshed workloads behind their own
@@ -131,9 +132,11 @@ def start(sup: procs.Supervisor, work: Path, app_command: Callable[[int], list[s
         raise RuntimeError("the `mesh` command is not installed")
     home = work / "mesh-home"
     home.mkdir(parents=True)
-    # Proxies run with their defaults (quiet logs, no access log): drop inherited MESH_* tunables.
+    # Proxies run with their defaults (quiet logs, no access log): drop inherited MESH_* tunables,
+    # then add the ones asked for (--proxy-env, e.g. MESH_PIPELINE_DEPTH=1 for an A/B run).
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("MESH_") and k not in ("http_proxy", "HTTP_PROXY")}
+    env.update(proxy_env or {})
     env["MESH_HOME"] = str(home)
     log = work / "mesh-cli.log"
 

@@ -126,6 +126,8 @@ def render(res: dict) -> str:
         f"{m.get('os', '?')}, kernel {m.get('kernel')}",
         "- " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- CPU pinning: {res['pinning']}",
+        "- meshed proxies' environment: " + (", ".join(f"`{k}={v}`" for k, v in res["proxy_env"].items())
+                                             if res.get("proxy_env") else "defaults"),
         f"- 1-min load average at start: {res.get('loadavg_at_start', -1):.2f} (lags; the per-row 'other work' CPU is the better noise measure)",
         "- The machine is shared and noisy (PERF-LAB saw direct runs range 70k–137k rps over 2 h): "
         "compare rows of one run, i.e. the ratios, not absolute numbers across runs.",

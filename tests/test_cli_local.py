@@ -398,3 +398,21 @@ def test_demo(home: Path) -> None:
     assert len(ps(home)) == 5
     mesh(home, "down")
     assert pids_of_home(home) == []
+
+
+@needs_proxy
+def test_run_hands_the_proxy_tunables_to_it(up_home: Path, tmp_path: Path) -> None:
+    """`MESH_*` tunables in `mesh run`'s environment (the README's way to turn on tracing or
+    tune pipelining) reach the proxy; other MESH_* variables do not."""
+    port = local.free_port()
+    mesh(up_home, "run", "--name", "tuned", "--port", str(port), "--detach", "--",
+         *http_server(port, serve_dir(tmp_path, "t", "x")),
+         MESH_PIPELINE_DEPTH="1", MESH_TRACE_COLLECTOR="http://127.0.0.1:9/v1/traces",
+         MESH_TRACE_SAMPLE="0.5", MESH_NOT_A_TUNABLE="x")
+    [w] = [w for w in ps(up_home) if w["name"] == "tuned"]
+    status, body = local.admin_get(w["admin_port"], "/config")
+    assert status == 200 and json.loads(body)["pipelining"]["depth"] == 1
+    env = Path(f"/proc/{w['proxy_pid']}/environ").read_bytes().split(b"\0")
+    assert b"MESH_TRACE_COLLECTOR=http://127.0.0.1:9/v1/traces" in env
+    assert b"MESH_TRACE_SAMPLE=0.5" in env
+    assert not any(e.startswith(b"MESH_NOT_A_TUNABLE=") for e in env)
