@@ -377,11 +377,11 @@ class ServerConn(asyncio.Protocol):
                 self.router.dispatch(self, nxt)
                 return
             buf, nxt.buf = nxt.buf, None
+            if not nxt.done and nxt.upstream is not None:
+                nxt.upstream.resume("downstream")   # before the write, which may pause it again
             if buf:
                 self.write(b"".join(buf))
             if not nxt.done:
-                if nxt.upstream is not None:
-                    nxt.upstream.resume("downstream")
                 return
             if nxt.truncated:
                 self.active = None
@@ -398,8 +398,9 @@ class ServerConn(asyncio.Protocol):
             if ex is self.reading and not ex.resp_started:
                 # its own body is malformed (e.g. a bad chunk size) and nothing was answered yet:
                 # drop the half-sent upstream request and answer the client ourselves
-                if ex.upstream is not None:
-                    ex.upstream.abort()
+                if ex.upstream is not None:   # (drop: never cut others pipelined on it)
+                    ex.upstream.drop(ex)
+                    ex.upstream = None
                 ex.status = status
                 self.write(error_response(status, reason, close=True))
                 self.finish(ex, reusable=False, close=True)
@@ -408,6 +409,7 @@ class ServerConn(asyncio.Protocol):
             self.transport.abort()
             return
         self.write(error_response(status, reason, close=True))
+        self.flush()   # with responses held for a deferred write, they go first
         self.transport.close()
 
     def _start_tunnel(self, ex: Exchange, rest: bytes) -> None:
@@ -429,6 +431,7 @@ class ServerConn(asyncio.Protocol):
         """Shutdown: close now if idle, else after the response in flight."""
         self.closing = True
         if self.active is None and self.tunnel_peer is None:
+            self.flush()   # responses held for a deferred write are not lost
             self.transport.close()
 
 

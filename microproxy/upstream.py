@@ -49,6 +49,7 @@ class UpstreamConn(asyncio.Protocol):
         self.since = 0.0                 # when the exchange in flight was sent
         self.wout: list[bytes] | None = None   # pipelined request heads not yet written
         self.corked: list[ServerConn] | None = None   # servers corked while a read is parsed
+        self.write_paused: ServerConn | None = None   # the client paused while our writes back up
 
     # --- asyncio.Protocol
     def connection_made(self, transport: Any) -> None:
@@ -124,12 +125,15 @@ class UpstreamConn(asyncio.Protocol):
             server.respond_error(ex, 502, reason, "UPE")
 
     def pause_writing(self) -> None:
-        if self.server is not None:
-            self.server.pause("upstream")
+        server = self.server
+        if server is not None:
+            self.write_paused = server   # resumed even if another exchange is in flight by then
+            server.pause("upstream")
 
     def resume_writing(self) -> None:
-        if self.server is not None:
-            self.server.resume("upstream")
+        server, self.write_paused = self.write_paused, None
+        if server is not None:
+            server.resume("upstream")
 
     def pause(self, why: str) -> None:
         if not self.paused and not self.closed:
@@ -360,6 +364,7 @@ class UpstreamConn(asyncio.Protocol):
             return
         self.ex, server = self.pipe.popleft()
         self.server = server
+        self.reused = True   # its request was sent on a live connection: safe to resend once
         self.resp_chunked = self.resp_until_close = False
         self.resp_keep_alive = True
         self.since = self.ex.start

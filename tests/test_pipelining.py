@@ -990,3 +990,69 @@ def test_e2e_concurrent_keepalive_gets_each_get_their_own_response(pipe_mesh: Pi
     cfg = json.loads(body)
     assert cfg["pipelining"] == {"depth": 16, "after": 1, "max_age_ms": 100.0}
     assert all(all(1 <= n <= 16 for n in depths) for depths in cfg["pools_busy"].values())
+
+
+# --- found in review: each failed before its fix
+
+def test_a_clients_malformed_request_does_not_cut_the_shared_connection() -> None:
+    """Client B's GET is in flight on a connection with client A's GET pipelined behind it;
+    A then sends a malformed request: A is answered 400 and closed, but the shared
+    connection lives on and B still gets its response."""
+    async def scenario() -> None:
+        rig, (b, a), up = await on_one_connection("/b", "/a")
+        eb = active(b)
+        a.data_received(b"GET /x HTTP/1.1\r\nhost: bad host\r\n\r\n")
+        assert a.transport.data().startswith(b"HTTP/1.1 400 ") and a.transport.closed
+        assert not up.closed and up.ex is eb
+        up.data_received(ok(b"bee") + ok(b"ay"))   # A's response is read and discarded
+        assert responses(b.transport.data())[0].body == b"bee" and eb.done
+        assert rig.pool.idle == [up]
+    run(scenario)
+
+
+def test_a_pipelined_get_that_became_the_one_in_flight_is_resent_when_the_connection_dies() -> None:
+    """On a fresh connection /b rides behind /a; /a is answered, then the peer closes before
+    answering /b: /b was never answered, so it is sent once more (not a 502)."""
+    async def scenario() -> None:
+        rig, (a, b), up = await on_one_connection("/a", "/b")
+        eb = active(b)
+        up.data_received(ok(b"one"))
+        up.connection_lost(None)
+        assert rig.retried == [(b, eb)] and b.transport.data() == b""
+    run(scenario)
+
+
+@pytest.mark.parametrize("how", ["graceful_close", "malformed"])
+def test_held_responses_are_written_before_the_connection_closes(how: str) -> None:
+    """Inbound: three pipelined GETs answered in one loop iteration wait for one deferred
+    write; a shutdown (graceful_close) or a malformed request from the peer closing the
+    connection first must not lose them."""
+    async def scenario() -> None:
+        rig = Rig()
+        p = rig.peer()
+        p.data_received(get("/1") + get("/2") + get("/3"))
+        u1, u2, u3 = rig.ups
+        for up, body in ((u1, b"one"), (u2, b"two"), (u3, b"3")):
+            up.data_received(ok(body))
+        assert p.flush_due and p.transport.writes == []
+        if how == "graceful_close":
+            p.graceful_close()
+        else:
+            p.data_received(b"BOGUS\r\n\r\n")
+        await turn()
+        got = responses(p.transport.data())
+        assert [r.body for r in got[:3]] == [b"one", b"two", b"3"] and p.transport.closed
+    run(scenario)
+
+
+def test_a_client_paused_for_a_full_upstream_is_resumed_after_its_turn() -> None:
+    """The shared connection's write buffer fills while A's GET is in flight (A is paused),
+    A's response ends and B's is in flight when the buffer drains: A is resumed."""
+    async def scenario() -> None:
+        rig, (a, b), up = await on_one_connection("/a", "/b")
+        up.pause_writing()
+        assert "upstream" in a.paused
+        up.data_received(ok(b"one"))
+        up.resume_writing()
+        assert not a.paused and not a.transport.paused
+    run(scenario)
