@@ -261,6 +261,15 @@ async def on_one_connection(*paths: str) -> tuple["Rig", list[ServerConn], Upstr
     return rig, clients, rig.ups[0]
 
 
+def three_gets_from_a_peer() -> tuple["Rig", ServerConn, list[UpstreamConn]]:
+    """Inbound: a peer proxy pipelines GET /1, /2, /3 in one read; all three are forwarded
+    at once, each on its own app connection. (rig, the peer's connection, app connections)"""
+    rig = Rig()
+    peer = rig.peer()
+    peer.data_received(get("/1") + get("/2") + get("/3"))
+    return rig, peer, list(rig.ups)
+
+
 async def two_on_one_connection() -> tuple["Rig", ServerConn, ServerConn, UpstreamConn]:
     """Client a's GET /a in flight and client b's GET /b pipelined behind it."""
     rig, (a, b), up = await on_one_connection("/a", "/b")
@@ -740,10 +749,7 @@ def test_inbound_failure_mid_response_keeps_finished_responses() -> None:
     head and part of the body. The connection must be cut (the second cannot be completed),
     but not before the first, complete, response has been written."""
     async def scenario() -> None:
-        rig = Rig()
-        peer = rig.peer()
-        peer.data_received(get("/1") + get("/2") + get("/3"))
-        up1, up2, _ = rig.ups
+        rig, peer, (up1, up2, _) = three_gets_from_a_peer()
         up1.data_received(ok(b"one"))
         assert peer.transport.writes == [] and peer.flush_due   # deferred to the end of the turn
         up2.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
@@ -853,10 +859,7 @@ def test_inbound_connection_lost_drops_dispatched_upstreams() -> None:
     app connection is aborted (its response has nowhere to go); an already answered one's
     app connection stays in the pool."""
     async def scenario() -> None:
-        rig = Rig()
-        peer = rig.peer()
-        peer.data_received(get("/1") + get("/2") + get("/3"))
-        up1, up2, up3 = rig.ups
+        rig, peer, (up1, up2, up3) = three_gets_from_a_peer()
         ex1, ex2, ex3 = carried(up1), carried(up2), carried(up3)
         up3.data_received(ok(b"three"))                  # answered, buffered, app conn idle
         assert rig.pool.idle == [up3]
@@ -1028,10 +1031,7 @@ def test_held_responses_are_written_before_the_connection_closes(how: str) -> No
     write; a shutdown (graceful_close) or a malformed request from the peer closing the
     connection first must not lose them."""
     async def scenario() -> None:
-        rig = Rig()
-        p = rig.peer()
-        p.data_received(get("/1") + get("/2") + get("/3"))
-        u1, u2, u3 = rig.ups
+        rig, p, (u1, u2, u3) = three_gets_from_a_peer()
         for up, body in ((u1, b"one"), (u2, b"two"), (u3, b"3")):
             up.data_received(ok(body))
         assert p.flush_due and p.transport.writes == []
