@@ -119,8 +119,7 @@ class Outbound:
         return auth
 
     def dispatch(self, conn: ServerConn, ex: Exchange) -> None:
-        target = ex.target
-        host, path = (None, target) if target[:1] == b"/" else split_target(target)
+        host, path = split_target(ex.target)
         if host is None:
             if not path:
                 conn.respond_error(ex, 400, "unsupported request target", "BR")
@@ -129,7 +128,7 @@ class Outbound:
         if not host:
             conn.respond_error(ex, 400, "no authority in request", "BR")
             return
-        auth = self.hosts.get(host, "") or self._authority(host)
+        auth = self._authority(host)
         if auth is None:
             conn.respond_error(ex, 400, "invalid authority", "BR")
             return

@@ -354,13 +354,8 @@ def admit(out: Any, conn: "ServerConn", ex: "Exchange", res: Any) -> ReqState | 
     if verdict is not breaker.ADMIT:
         return verdict  # type: ignore[return-value]
     svc.budget.deposit(monotonic())
-    route = ex.route
-    if route is None or route.retry is None and route.rule == -1:   # policy_of, inlined
-        policy, name = (_settings or settings()).default_retry, DEFAULT_NAME if route is None else route.name
-    else:
-        policy, name = route.retry, route.name
-    key = ROUTES.keys.get((res.authority, name)) or ROUTES.key(res.authority, name)
-    return ReqState(out, conn, res, svc, policy, key)
+    policy, name = policy_of(ex)
+    return ReqState(out, conn, res, svc, policy, ROUTES.key(res.authority, name))
 
 
 # === visibility ===

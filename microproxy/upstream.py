@@ -209,10 +209,7 @@ class UpstreamConn(asyncio.Protocol):
         if ex is self.ex:
             self.server = None
             self.draining = True
-            if self.paused:   # paused for that client's sake: the others must not wait
-                self.paused.clear()
-                if not self.closed:
-                    self.transport.resume_reading()
+            self._unpause()   # paused for that client's sake: the others must not wait
             return
         self.pipe = deque((e, None if e is ex else s) for e, s in self.pipe)
 
@@ -347,15 +344,19 @@ class UpstreamConn(asyncio.Protocol):
     def _end(self, ex: Exchange, server: ServerConn) -> None:
         self.ex = self.server = None
         reusable = self.resp_keep_alive and ex.body_done and not self.resp_until_close
-        if self.paused:
-            self.paused.clear()
-            if not self.closed:
-                self.transport.resume_reading()
+        self._unpause()
         if reusable:
             self._next()
         else:
             self.close()
         server.finish(ex)
+
+    def _unpause(self) -> None:
+        """Drop every reason to stop reading (they belonged to the exchange that ended)."""
+        if self.paused:
+            self.paused.clear()
+            if not self.closed:
+                self.transport.resume_reading()
 
     def _next(self) -> None:
         """The response in flight ended: the next pipelined exchange's turn, or the pool."""
@@ -391,12 +392,12 @@ class Pipelining:
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> "Pipelining":
-        def number(name: str, default: str) -> float:
+        def number(name: str, default: str) -> int:
             text = (env.get(name) or default).strip()
             if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) < 1:
                 raise ValueError(f"{name}={text!r}: want a whole number >= 1")
             return int(text)
-        return Pipelining(int(number("MESH_PIPELINE_DEPTH", "16")), int(number("MESH_PIPELINE_AFTER", "2")),
+        return Pipelining(number("MESH_PIPELINE_DEPTH", "16"), number("MESH_PIPELINE_AFTER", "2"),
                           number("MESH_PIPELINE_MAX_AGE_MS", "10") / 1000.0)
 
 
@@ -415,7 +416,6 @@ class Pool:
         self.idle: list[UpstreamConn] = []
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self.active = 0
         p = pipelining or NO_PIPELINING
         self.depth, self.after, self.max_age = p.depth, p.after, p.max_age
         self.busy: list[UpstreamConn] = []   # carrying exchanges (only when depth > 1)
