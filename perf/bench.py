@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from perf import measure, mesh, nginx, procs, report, sysinfo
@@ -267,13 +268,19 @@ def _shown(p: Path) -> str:
         return str(p)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+            log: Callable[[str], None]) -> int:
+    """``run(args)``; Ctrl-C or SIGTERM (``Interrupted``) stop everything it started and
+    leave no report (exit 130). Shared with perf/h2bench.py."""
     try:
         return run(args)
     except KeyboardInterrupt as e:
         log(f"interrupted ({e or 'Ctrl-C'}): everything started was stopped; no report written")
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return guarded(run, parse_args(argv), log)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perf import loadgen, measure, mesh, nginx, procs, report, sysinfo
-from perf.bench import Interrupted, _on_signal, _shown   # noqa: F401  (Interrupted: raised by _on_signal)
+from perf.bench import Interrupted, _on_signal, _shown, guarded   # noqa: F401  (Interrupted: raised by _on_signal)
 
 HERE = Path(__file__).resolve().parent
 ROUTES = ("h2-direct", "h2-meshed", "h1-meshed", "h1-meshed-wrk")
@@ -609,12 +609,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt as e:
-        log(f"interrupted ({e or 'Ctrl-C'}): everything started was stopped; no report written")
-        return 130
+    return guarded(run, parse_args(argv), log)
 
 
 if __name__ == "__main__":
