@@ -53,6 +53,7 @@ class ServerConn(asyncio.Protocol):
         # inbound from a peer proxy: pipelined GETs are forwarded at once, answered in order
         self.concurrent = direction == "inbound" and tls
         self.flush_due = False
+        self.write_blocked = False   # our write buffer is over its high-water mark
         # per-message parse state
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -151,16 +152,26 @@ class ServerConn(asyncio.Protocol):
             self.data_received(data)
 
     def pause_writing(self) -> None:
+        # Stop reading the response being written to us. Only when the upstream connection
+        # is reading *our* response: on a connection shared by pipelining, a response ahead
+        # of ours belongs to another client; ours pauses it when its turn comes
+        # (UpstreamConn._next checks write_blocked).
+        self.write_blocked = True
         ex = self.active
-        if ex is not None and ex.upstream is not None:
-            ex.upstream.pause("downstream")
+        if ex is not None:
+            up = ex.upstream
+            if up is not None and up.ex is ex:
+                up.pause("downstream")
         if self.tunnel_peer is not None:
             self.tunnel_peer.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_blocked = False
         ex = self.active
-        if ex is not None and ex.upstream is not None:
-            ex.upstream.resume("downstream")
+        if ex is not None:
+            up = ex.upstream
+            if up is not None and up.ex is ex:
+                up.resume("downstream")
         if self.tunnel_peer is not None:
             self.tunnel_peer.resume_reading()
 
@@ -378,7 +389,13 @@ class ServerConn(asyncio.Protocol):
                 return
             buf, nxt.buf = nxt.buf, None
             if not nxt.done and nxt.upstream is not None:
-                nxt.upstream.resume("downstream")   # before the write, which may pause it again
+                # its held response may have paused its upstream; now it is written directly,
+                # paused only while our own write buffer is full (before the write, which may
+                # pause it again)
+                if self.write_blocked:
+                    nxt.upstream.pause("downstream")
+                else:
+                    nxt.upstream.resume("downstream")
             if buf:
                 self.write(b"".join(buf))
             if not nxt.done:

@@ -151,6 +151,8 @@ class UpstreamConn(asyncio.Protocol):
                pipelinable: bool | None = None) -> None:
         self.ex, self.server = ex, server
         ex.upstream = self
+        if server.write_blocked and server.active is ex:
+            self.pause("downstream")   # the client is not reading what it was sent so far
         pool = self.pool
         self.resp_chunked = self.resp_until_close = False
         self.resp_keep_alive = True
@@ -352,7 +354,8 @@ class UpstreamConn(asyncio.Protocol):
         server.finish(ex)
 
     def _unpause(self) -> None:
-        """Drop every reason to stop reading (they belonged to the exchange that ended)."""
+        """Drop every reason to stop reading: the only one is the client of the exchange that
+        ended or left ("downstream"); the next exchange's client re-applies its own in _next."""
         if self.paused:
             self.paused.clear()
             if not self.closed:
@@ -371,7 +374,10 @@ class UpstreamConn(asyncio.Protocol):
         self.since = self.ex.start
         if server is None:   # its client left: read the response and discard it
             self.draining = True
-        elif self.corked is not None and server.out is None:
+            return
+        if server.write_blocked and server.active is self.ex:
+            self.pause("downstream")   # its client's pause_writing came while it waited its turn
+        if self.corked is not None and server.out is None:
             server.cork()
             self.corked.append(server)
 

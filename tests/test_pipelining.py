@@ -1056,3 +1056,74 @@ def test_a_client_paused_for_a_full_upstream_is_resumed_after_its_turn() -> None
         up.resume_writing()
         assert not a.paused and not a.transport.paused
     run(scenario)
+
+
+def test_a_slow_client_behind_does_not_stall_the_response_ahead_of_it() -> None:
+    """B's GET is pipelined behind A's on one connection, and B stops reading (its write
+    buffer passes the high-water mark). A's response, ahead of B's, must keep flowing: the
+    shared connection is paused only when B's response is the one being read, and resumed
+    when B reads again.
+
+    Regression guard: ``pause_writing`` used to pause the upstream of B's exchange at once,
+    so A waited for B to read."""
+    async def scenario() -> None:
+        rig, a, b, up = await two_on_one_connection()
+        b.pause_writing()
+        assert not up.transport.paused and not up.paused, "A's response is held for B's sake"
+        up.data_received(ok(b"for a"))
+        assert bodies(a.transport) == [b"for a"]
+        assert up.ex is active(b) and up.transport.paused and up.paused == {"downstream"}
+        b.resume_writing()
+        assert not up.transport.paused and not up.paused
+        up.data_received(ok(b"for b"))
+        assert bodies(b.transport) == [b"for b"] and rig.pool.idle == [up]
+    run(scenario)
+
+
+def test_a_client_not_reading_pauses_the_connection_its_next_request_gets() -> None:
+    """A client whose write buffer is full sends another request: the connection that
+    carries it does not read the response until the client reads again (before, the pause
+    ended with the previous exchange, and the next response piled up in the buffer)."""
+    async def scenario() -> None:
+        rig = Rig(ON)
+        a = rig.client()
+        a.data_received(get("/1"))
+        await turn()
+        up = rig.ups[0]
+        up.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n12")
+        a.pause_writing()
+        assert up.transport.paused
+        up.data_received(b"345")          # (already read from the socket)
+        assert rig.pool.idle == [up] and not up.transport.paused
+        a.data_received(get("/2"))
+        await turn()
+        assert up.ex is active(a) and up.transport.paused and up.paused == {"downstream"}
+        a.resume_writing()
+        assert not up.transport.paused
+        up.data_received(ok(b"two"))
+        assert bodies(a.transport) == [b"12345", b"two"]
+    run(scenario)
+
+
+def test_inbound_held_response_stays_paused_when_its_turn_comes_and_the_peer_is_not_reading() -> None:
+    """As above, but the peer stops reading while the first response is written: when the
+    held response's turn comes its app connection stays paused (its bytes would only pile
+    up in our buffer), and reads again once the peer reads."""
+    async def scenario() -> None:
+        rig = Rig()
+        peer = rig.peer()
+        peer.data_received(get("/1") + get("/2"))
+        up1, up2 = rig.ups
+        big = b"z" * (2 * HIGH_WATER)
+        up2.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(big) + 1) + big)
+        assert up2.transport.paused
+        peer.pause_writing()
+        up1.data_received(ok(b"one"))
+        await turn()
+        assert active(peer) is carried(up2) and up2.transport.paused
+        peer.resume_writing()
+        assert not up2.transport.paused
+        up2.data_received(b"!")
+        await turn()
+        assert bodies(peer.transport) == [b"one", big + b"!"]
+    run(scenario)
