@@ -38,6 +38,7 @@ from . import clock, grpc, tls
 from .authz import HTTP_ALLOW, HTTP_DENY
 from .h2conn import H2ClientConn, H2Exchange, H2Pool, H2ServerConn, Half, clean_headers
 from .observe import TapHub
+from .outbound import normalize_authority
 from .tracing import CLIENT, SERVER
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,6 @@ class Outbound2(Router2):
         self.pools: dict[tuple[tuple[str, int], str], H2Pool] = {}
 
     def dispatch(self, conn: H2ServerConn, x: H2Exchange) -> None:
-        from .proxy import normalize_authority
         host = None
         for name, value in x.headers:
             if name == b":authority":

@@ -39,7 +39,7 @@ from .profiles import Profile
 from .tracing import CLIENT
 
 if TYPE_CHECKING:
-    from .proxy import Outbound
+    from .outbound import Outbound
 
 ROUTE_REQUESTS = "route_request_total"
 ROUTE_RESPONSES = "route_response_total"

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from microproxy.http1 import ERROR_HEADER, MAX_HEADERS, Reject, check_head, error_response, parse_digits
-from microproxy.proxy import normalize_authority, split_target
+from microproxy.outbound import normalize_authority, split_target
 
 H = (b"host", b"books.default:7002")
 

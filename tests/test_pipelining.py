@@ -30,7 +30,7 @@ from microproxy.downstream import ServerConn
 from microproxy.http1 import ERROR_HEADER, HIGH_WATER, MAX_CONCURRENT, Exchange
 from microproxy.upstream import Pipelining, Pool, UpstreamConn
 from microproxy.metrics import Metrics, labels
-from microproxy.proxy import PIPELINED
+from microproxy.outbound import PIPELINED
 from tests.harness import Conn, identity_of, metric_sum, running_mesh
 from tests.mesh_app import pattern_block
 
