@@ -17,7 +17,7 @@ endpoint picked (P2C, as HTTP/1), so consecutive requests on one client connecti
 over endpoints; each endpoint has one multiplexed mTLS connection (ALPN h2), more only when
 the peer's MAX_CONCURRENT_STREAMS is reached. Inbound, streams go to the app over h2c.
 
-Flow control, limits and the connection protocols: h2conn.py.
+Flow control, limits and the connection protocols: h2conn.py, h2stream.py, h2ends.py.
 
 Tap and tracing: each stream is offered to ``mesh tap`` subscribers and, with tracing on,
 gets a span, like an HTTP/1 request (outbound once an endpoint is picked, inbound once
@@ -36,7 +36,8 @@ from h2.errors import ErrorCodes
 
 from . import clock, grpc, tls
 from .authz import HTTP_ALLOW, HTTP_DENY
-from .h2conn import H2ClientConn, H2Exchange, H2Pool, H2ServerConn, Half, clean_headers
+from .h2ends import H2ClientConn, H2Pool, H2ServerConn
+from .h2stream import H2Exchange, Half, clean_headers
 from .observe import TapHub
 from .outbound import normalize_authority
 from .tracing import CLIENT, SERVER

@@ -12,7 +12,7 @@ caller's context, decides, and returns the rewritten trace headers as ``extra``/
 ``Exchange.span``; ``ServerConn.finish`` (or the loss of the client's connection) calls
 ``Span.finish``, which adds the attributes and puts the span on a bounded queue (full: the
 span is dropped and counted in ``trace_spans_dropped_total{reason="queue_full"}``). HTTP/2
-streams (``h2conn.H2Exchange``, gRPC calls) are traced the same way by ``h2proxy``; a gRPC
+streams (``h2stream.H2Exchange``, gRPC calls) are traced the same way by ``h2proxy``; a gRPC
 call's span carries ``rpc.grpc.status_code`` and fails when the status is not OK.
 
 ``Tracer.run`` exports the queue every ``FLUSH_INTERVAL``, or as soon as a batch is full,

@@ -1,5 +1,6 @@
-"""HTTP/2 connection handling in-process (h2conn.py), over a fake transport, driven by a real
-``h2`` client connection: a bug while handling one stream fails that stream only."""
+"""HTTP/2 connection handling in-process (h2conn.py, h2ends.py), over a fake transport,
+driven by a real ``h2`` client connection: a bug while handling one stream fails that
+stream only."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,8 @@ import h2.events
 import pytest
 from h2.errors import ErrorCodes
 
-from microproxy.h2conn import H2Exchange, H2ServerConn
+from microproxy.h2ends import H2ServerConn
+from microproxy.h2stream import H2Exchange
 from microproxy.metrics import Metrics, labels
 
 
