@@ -56,7 +56,8 @@ from identity import tokens
 from identity.store import MeshHome, write_json
 
 from . import local
-from .local import Launch, MeshError
+from .procutil import MeshError
+from .workloads import Launch
 from .supervise import TOKEN_TTL, Supervisor
 
 NODE_NS = "mm-node"

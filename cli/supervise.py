@@ -38,7 +38,7 @@ from identity import tokens
 from identity.store import MeshHome, write_json
 
 from . import local
-from .local import Launch
+from .workloads import Launch
 
 T = TypeVar("T")
 
