@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -35,7 +34,6 @@ from .policy import NOT_KNOWN, Compiled, Decision, PolicyError, compile_policies
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-BACKOFF_MIN, BACKOFF_MAX = 0.1, 3.0
 GRPC_PERMISSION_DENIED = 7
 HTTP_ALLOW, HTTP_DENY = "inbound_http_authz_allow_total", "inbound_http_authz_deny_total"
 TCP_ALLOW, TCP_DENY = "inbound_tcp_authz_allow_total", "inbound_tcp_authz_deny_total"
@@ -106,23 +104,19 @@ class Authorizer:
         cfg = self.cfg
         path = (f"/v1/policy?workload={quote(cfg.workload)}&namespace={quote(cfg.namespace)}"
                 + (f"&port={self.port}" if self.port else "") + "&watch=1")
-        backoff = BACKOFF_MIN
-        while True:
-            try:
-                async for snap in self.client_factory().watch(path):
-                    self.connected = True
-                    backoff = BACKOFF_MIN
-                    self.apply(snap)
-            except asyncio.CancelledError:
-                raise
-            except ctlhttp.HTTPError as e:
-                log.warning("policy watch refused", extra={"status": e.status, "body": e.body[:200]})
-            except Exception as e:  # noqa: BLE001 - keep the last policy and reconnect
-                log.info("policy watch interrupted; keeping the last policy",
-                         extra={"error": repr(e), "known": self.known})
-            self.connected = False
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, BACKOFF_MAX)
+
+        def connected(up: bool) -> None:
+            self.connected = up
+
+        def refused(e: ctlhttp.HTTPError) -> bool:
+            log.warning("policy watch refused", extra={"status": e.status, "body": e.body[:200]})
+            return False
+
+        def lost(e: Exception) -> None:
+            log.info("policy watch interrupted; keeping the last policy",
+                     extra={"error": repr(e), "known": self.known})
+
+        await ctlhttp.keep_watching(self.client_factory, path, self.apply, connected, refused, lost)
 
     async def after_first_policy(self, then: Callable[[], Awaitable[T]]) -> T:
         """Run ``then()`` once a policy is known (registration waits: no traffic is routed

@@ -8,13 +8,15 @@ watches). Malformed HTTP gets 400 and the connection closed; bodies over ``max_b
 413; a handler exception is logged once and answered with 500 — never a traceback on the wire.
 
 Client: ``Client(host, port, ssl, server_hostname)`` keeps one persistent connection for
-``request()``; ``watch()`` opens a dedicated connection and yields NDJSON objects.
+``request()``; ``watch()`` opens a dedicated connection and yields NDJSON objects;
+``keep_watching()`` watches for as long as the caller lives, reconnecting with backoff.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import random
 import ssl as ssl_mod
 from email.utils import formatdate
 from http import HTTPStatus
@@ -347,3 +349,32 @@ class Client:
                     return
         finally:
             io.writer.close()
+
+
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 3.0   # seconds between watch attempts (jittered, doubling)
+
+
+async def keep_watching(client_factory: Callable[[], "Client"], path: str,
+                        apply: Callable[[Any], None], connected: Callable[[bool], None],
+                        refused: Callable[[HTTPError], bool], lost: Callable[[Exception], None]) -> None:
+    """Watch ``path`` until cancelled: every snapshot goes to ``apply``. A watch that breaks
+    (``lost``) or is refused (``refused``; True stops watching) is opened again after a
+    jittered, doubling backoff; ``connected`` tells whether a watch is streaming. Nothing is
+    cleared meanwhile: the last snapshot keeps serving."""
+    backoff = BACKOFF_MIN
+    while True:
+        try:
+            async for snap in client_factory().watch(path):
+                connected(True)
+                backoff = BACKOFF_MIN
+                apply(snap)
+        except asyncio.CancelledError:
+            raise
+        except HTTPError as e:
+            if refused(e):
+                return
+        except Exception as e:  # noqa: BLE001 - keep the last snapshot and reconnect
+            lost(e)
+        connected(False)
+        await asyncio.sleep(backoff * (0.5 + random.random()))
+        backoff = min(backoff * 2, BACKOFF_MAX)

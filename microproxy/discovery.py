@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 IDLE_TTL = 300.0
 MAX_RESOLUTIONS = 1000
-BACKOFF_MIN, BACKOFF_MAX = 0.1, 3.0
+BACKOFF_MIN, BACKOFF_MAX = ctlhttp.BACKOFF_MIN, ctlhttp.BACKOFF_MAX   # the lease renewals too
 
 
 @dataclass(slots=True)
@@ -153,31 +153,27 @@ class Discovery:
                 force = False
 
     async def _watch(self, res: Resolution) -> None:
-        backoff = BACKOFF_MIN
         path = (f"/v1/endpoints?authority={quote(res.authority, safe=':')}"
                 f"&namespace={quote(self.cfg.namespace)}&watch=1")
-        while True:
-            client = self.client_factory()
-            try:
-                async for snap in client.watch(path):
-                    res.connected = True
-                    self.reachable = True
-                    backoff = BACKOFF_MIN
-                    res.apply(snap)
-            except asyncio.CancelledError:
-                raise
-            except ctlhttp.HTTPError as e:
-                if e.status == 400:
-                    res.apply({"exists": False, "endpoints": [], "version": res.version})
-                    log.warning("destination refused authority", extra={"authority": res.authority})
-                    return
-                log.warning("endpoint watch failed", extra={"authority": res.authority, "error": str(e)})
-            except (OSError, asyncio.TimeoutError, ValueError, Exception) as e:  # noqa: BLE001 - keep serving
-                log.info("endpoint watch interrupted; keeping last snapshot",
-                         extra={"authority": res.authority, "error": repr(e)})
-            res.connected = False
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, BACKOFF_MAX)
+
+        def connected(up: bool) -> None:
+            res.connected = up
+            if up:
+                self.reachable = True
+
+        def refused(e: ctlhttp.HTTPError) -> bool:
+            if e.status == 400:
+                res.apply({"exists": False, "endpoints": [], "version": res.version})
+                log.warning("destination refused authority", extra={"authority": res.authority})
+                return True
+            log.warning("endpoint watch failed", extra={"authority": res.authority, "error": str(e)})
+            return False
+
+        def lost(e: Exception) -> None:
+            log.info("endpoint watch interrupted; keeping last snapshot",
+                     extra={"authority": res.authority, "error": repr(e)})
+
+        await ctlhttp.keep_watching(self.client_factory, path, res.apply, connected, refused, lost)
 
     # --- registration (local mode)
     def client(self) -> ctlhttp.Client:

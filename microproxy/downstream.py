@@ -152,28 +152,32 @@ class ServerConn(asyncio.Protocol):
             self.data_received(data)
 
     def pause_writing(self) -> None:
-        # Stop reading the response being written to us. Only when the upstream connection
-        # is reading *our* response: on a connection shared by pipelining, a response ahead
-        # of ours belongs to another client; ours pauses it when its turn comes
-        # (UpstreamConn._next checks write_blocked).
         self.write_blocked = True
-        ex = self.active
-        if ex is not None:
-            up = ex.upstream
-            if up is not None and up.ex is ex:
-                up.pause("downstream")
-        if self.tunnel_peer is not None:
-            self.tunnel_peer.pause_reading()
+        self._hold_writers(True)
 
     def resume_writing(self) -> None:
         self.write_blocked = False
+        self._hold_writers(False)
+
+    def _hold_writers(self, hold: bool) -> None:
+        """Stop (or resume) reading what is written to us: the response being written, and
+        a tunnel's far side. Only when the upstream connection is reading *our* response:
+        on a connection shared by pipelining, a response ahead of ours belongs to another
+        client; ours pauses it when its turn comes (UpstreamConn._next checks write_blocked)."""
         ex = self.active
         if ex is not None:
             up = ex.upstream
             if up is not None and up.ex is ex:
-                up.resume("downstream")
-        if self.tunnel_peer is not None:
-            self.tunnel_peer.resume_reading()
+                if hold:
+                    up.pause("downstream")
+                else:
+                    up.resume("downstream")
+        peer = self.tunnel_peer
+        if peer is not None:
+            if hold:
+                peer.pause_reading()
+            else:
+                peer.resume_reading()
 
     # --- reading control
     def pause(self, why: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Any
 from urllib.parse import quote
 
@@ -27,7 +26,6 @@ log = logging.getLogger(__name__)
 
 IDLE_TTL = 300.0
 MAX_PROFILES = 1000
-BACKOFF_MIN, BACKOFF_MAX = 0.1, 3.0
 
 
 def _empty(authority: str) -> RouteTable:
@@ -115,30 +113,26 @@ class Profiles:
                 force = False
 
     async def _watch(self, prof: Profile) -> None:
-        backoff = BACKOFF_MIN
         path = (f"/v1/profile?authority={quote(prof.authority, safe=':')}"
                 f"&namespace={quote(self.cfg.namespace)}&watch=1")
-        while True:
-            try:
-                async for snap in self.client_factory().watch(path):
-                    prof.connected = True
-                    backoff = BACKOFF_MIN
-                    prof.apply(snap)
-            except asyncio.CancelledError:
-                raise
-            except ctlhttp.HTTPError as e:
-                if e.status in (400, 404):   # not routable (or an old destination): no routes
-                    if prof.table is None:
-                        prof.install(_empty(prof.authority), prof.version, None)
-                    if e.status == 400:
-                        return
-                log.warning("profile watch failed", extra={"authority": prof.authority, "error": str(e)})
-            except Exception as e:  # noqa: BLE001 - keep the last table and reconnect
-                log.info("profile watch interrupted; keeping the last routes",
-                         extra={"authority": prof.authority, "error": repr(e)})
-            prof.connected = False
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, BACKOFF_MAX)
+
+        def connected(up: bool) -> None:
+            prof.connected = up
+
+        def refused(e: ctlhttp.HTTPError) -> bool:
+            if e.status in (400, 404):   # not routable (or an old destination): no routes
+                if prof.table is None:
+                    prof.install(_empty(prof.authority), prof.version, None)
+                if e.status == 400:
+                    return True
+            log.warning("profile watch failed", extra={"authority": prof.authority, "error": str(e)})
+            return False
+
+        def lost(e: Exception) -> None:
+            log.info("profile watch interrupted; keeping the last routes",
+                     extra={"authority": prof.authority, "error": repr(e)})
+
+        await ctlhttp.keep_watching(self.client_factory, path, prof.apply, connected, refused, lost)
 
     def describe(self) -> dict[str, Any]:
         return {a: p.describe() for a, p in self.profiles.items()}

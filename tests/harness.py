@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import http.client
 import json
 import os
 import re
@@ -43,6 +42,7 @@ from typing import Any
 
 import pytest
 
+from cli import workloads
 from identity import tokens
 from identity.store import MeshHome
 
@@ -213,13 +213,8 @@ class AppProc(Proc):
 
 
 def admin_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    """The CLI's admin GET, with a test's patience."""
+    return workloads.admin_get(port, path, timeout)
 
 
 class Mesh:

@@ -530,3 +530,49 @@ def test_restart_keeps_endpoints(mesh_home: MeshHome) -> None:
         assert second.stop() == 0
     for comp in (first, second):
         assert "Traceback" not in comp.log_path.read_text(), comp.log_tail()
+
+
+# --- keep_watching: the proxy's watch loop (policy, profiles, endpoints)
+
+class _ScriptedClient:
+    """A watch that streams the given snapshots and ends, or fails with the given error."""
+
+    def __init__(self, step: list[Any] | Exception) -> None:
+        self.step = step
+
+    async def watch(self, path: str) -> AsyncIterator[Any]:
+        assert path == "/v1/x?watch=1"
+        if isinstance(self.step, Exception):
+            raise self.step
+        for snap in self.step:
+            yield snap
+
+
+def test_keep_watching_reconnects_with_backoff_and_stops_when_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshots are applied as they stream; a watch that ends, breaks or is refused is
+    opened again after a doubling backoff, reset by the next snapshot; a refusal the caller
+    calls final stops the loop."""
+    steps = iter([["a", "b"], OSError("reset"), ctlhttp.HTTPError(503, b"busy"), ["c"],
+                  ctlhttp.HTTPError(400, b"bad")])
+    events: list[tuple[str, Any]] = []
+    sleeps: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    monkeypatch.setattr(ctlhttp.asyncio, "sleep", no_wait)
+    monkeypatch.setattr(ctlhttp.random, "random", lambda: 0.5)   # jitter factor 1.0
+
+    def refused(e: ctlhttp.HTTPError) -> bool:
+        events.append(("refused", e.status))
+        return e.status == 400
+
+    asyncio.run(ctlhttp.keep_watching(
+        lambda: _ScriptedClient(next(steps)), "/v1/x?watch=1", lambda s: events.append(("apply", s)),
+        lambda up: events.append(("up", up)), refused, lambda e: events.append(("lost", repr(e)))))
+    assert events == [("up", True), ("apply", "a"), ("up", True), ("apply", "b"), ("up", False),
+                      ("lost", "OSError('reset')"), ("up", False),
+                      ("refused", 503), ("up", False),
+                      ("up", True), ("apply", "c"), ("up", False),
+                      ("refused", 400)]
+    assert sleeps == pytest.approx([0.1, 0.2, 0.4, 0.1])
