@@ -196,13 +196,13 @@ def dest_get(mesh: Mesh, port: int, path: str, body: Any = None, method: str = "
     return asyncio.run(go())
 
 
-class WatchReader:
-    """``/v1/endpoints?watch=1`` in a thread: snapshots land in a queue."""
+class NDJSONReader:
+    """A destination ``?watch=1`` stream in a thread: lines land in a queue."""
 
-    def __init__(self, mesh: Mesh, port: int, authority: str) -> None:
+    def __init__(self, mesh: Mesh, port: int, path: str) -> None:
         self.q: queue.Queue[Any] = queue.Queue()
         self.loop = asyncio.new_event_loop()
-        self.path = f"/v1/endpoints?authority={authority}&watch=1"
+        self.path = path
         self.task: asyncio.Task[None] | None = None
         self.thread = threading.Thread(target=self._run, args=(mesh, port), daemon=True)
         self.thread.start()
@@ -228,6 +228,13 @@ class WatchReader:
         if isinstance(got, Exception):
             raise got
         return got  # type: ignore[no-any-return]
+
+    def quiet(self, seconds: float) -> bool:
+        try:
+            self.q.get(timeout=seconds)
+        except queue.Empty:
+            return True
+        return False
 
     def close(self) -> None:
         if self.task is not None:
@@ -316,7 +323,7 @@ def test_destination_kubernetes_source(scene: Scene) -> None:
     assert status == 200 and snap["authority"] == f"{LEGACY}:{SVC_PORT}" and snap["exists"] is True
     assert [(e["address"], e["identity"], e["protocol_hint"]) for e in snap["endpoints"]] == \
         [(f"127.0.0.1:{scene.app.http}", None, None)]
-    assert dest_get(mesh, port, f"/v1/endpoints?authority=nope.default.svc.cluster.local:80")[1]["exists"] is False
+    assert dest_get(mesh, port, "/v1/endpoints?authority=nope.default.svc.cluster.local:80")[1]["exists"] is False
     # registration belongs to the local source
     status, body = dest_get(mesh, port, "/v1/register", {"instance": "x"}, "POST")
     assert status == 409 and "local source" in body["error"], body
@@ -392,7 +399,7 @@ def test_watch_follows_api_events(scene: Scene) -> None:
     mesh, api = scene.mesh, scene.api
     port = mesh.destination_port
     books_inbound = scene.books.inbound  # type: ignore[attr-defined]
-    w = WatchReader(mesh, port, f"{BOOKS}:{SVC_PORT}")
+    w = NDJSONReader(mesh, port, f"/v1/endpoints?authority={BOOKS}:{SVC_PORT}&watch=1")
     try:
         first = w.next()
         assert [e["identity"] for e in first["endpoints"]] == [BOOKS_ID]

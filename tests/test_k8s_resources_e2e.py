@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import sys
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +25,7 @@ import pytest
 
 from destination.k8s_watch import RESOURCE_KIND_PATHS
 from tests.harness import HOST, Mesh, Proc, clean_env, wait_until
-from tests.test_k8s_e2e import PATHS, APIThread, a_list, dest_client, dest_get, service
+from tests.test_k8s_e2e import PATHS, APIThread, NDJSONReader, a_list, dest_get, service
 
 BOOKS = "books.default.svc.cluster.local"
 AP, HR = RESOURCE_KIND_PATHS["AuthorizationPolicy"], RESOURCE_KIND_PATHS["HTTPRoute"]
@@ -64,52 +62,6 @@ def httproute(name: str, v1: int, v2: int) -> dict[str, Any]:
                                     {"group": "", "kind": "Service", "name": "books-v1", "port": 80, "weight": v1},
                                     {"group": "", "kind": "Service", "name": "books-v2", "port": 80, "weight": v2}]}]},
             "status": {"parents": []}}
-
-
-class NDJSONReader:
-    """A destination ``?watch=1`` stream in a thread: lines land in a queue."""
-
-    def __init__(self, mesh: Mesh, port: int, path: str) -> None:
-        self.q: queue.Queue[Any] = queue.Queue()
-        self.loop = asyncio.new_event_loop()
-        self.path = path
-        self.task: asyncio.Task[None] | None = None
-        self.thread = threading.Thread(target=self._run, args=(mesh, port), daemon=True)
-        self.thread.start()
-
-    def _run(self, mesh: Mesh, port: int) -> None:
-        async def go() -> None:
-            c = dest_client(mesh, port)
-            try:
-                async for snap in c.watch(self.path):
-                    self.q.put(snap)
-            except Exception as e:  # noqa: BLE001 - reported to the test through the queue
-                self.q.put(e)
-            finally:
-                await c.close()
-        self.task = self.loop.create_task(go())
-        try:
-            self.loop.run_until_complete(self.task)
-        except asyncio.CancelledError:
-            pass
-
-    def next(self, timeout: float = 10.0) -> dict[str, Any]:
-        got = self.q.get(timeout=timeout)
-        if isinstance(got, Exception):
-            raise got
-        return got  # type: ignore[no-any-return]
-
-    def quiet(self, seconds: float) -> bool:
-        try:
-            self.q.get(timeout=seconds)
-        except queue.Empty:
-            return True
-        return False
-
-    def close(self) -> None:
-        if self.task is not None:
-            self.loop.call_soon_threadsafe(self.task.cancel)
-        self.thread.join(5)
 
 
 class Scene:
