@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,23 +30,11 @@ import pytest
 from cli import local
 from identity import tokens
 from identity.store import MeshHome
-from tests.harness import Conn, Response, clean_env, metric_sum, read_ports
+from tests.harness import Conn, Response, clean_env, metric_sum, read_ports, wait_until as until
 from tests.test_cli_local import mesh, needs_proxy, sweep
 
 pytestmark = [pytest.mark.timeout(240), needs_proxy]
 
-POLL = 0.02
-
-
-def until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(POLL)  # polling interval of a deadline loop
 
 
 # --- an app that counts what reaches it (for opaque TCP)

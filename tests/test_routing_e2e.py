@@ -25,7 +25,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,12 @@ from typing import Any
 import pytest
 
 from cli import local
-from tests.harness import Conn, Response, build_request, clean_env, metric_sum
+from tests.harness import Conn, Response, build_request, clean_env, metric_sum, wait_until as until
 from tests.test_cli_local import mesh, needs_proxy, sweep
 
 pytestmark = [pytest.mark.timeout(180), needs_proxy]
 
 SVC = 8080
-POLL = 0.02
 
 APP = """\
 import os, sys, threading, time
@@ -89,17 +88,6 @@ ThreadingHTTPServer.daemon_threads = True
 ThreadingHTTPServer.request_queue_size = 256   # the mirror opens many connections at once
 ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 """
-
-
-def until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(POLL)  # polling interval of a deadline loop
 
 
 @dataclass
