@@ -708,17 +708,25 @@ def test_inbound_partial_responses_interleaved() -> None:
     run(scenario)
 
 
+def two_gets_the_second_answered_big_first() -> tuple[ServerConn, UpstreamConn, UpstreamConn, bytes]:
+    """Inbound: a peer pipelines GET /1 and /2; /2's app answers first with all but the last
+    byte of a body over the high-water mark, so it is held and its app connection paused.
+    (the peer's connection, /1's and /2's app connections, the body so far)"""
+    rig = Rig()
+    peer = rig.peer()
+    peer.data_received(get("/1") + get("/2"))
+    up1, up2 = rig.ups
+    big = b"z" * (2 * HIGH_WATER)
+    up2.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(big) + 1) + big)
+    assert up2.transport.paused
+    return peer, up1, up2, big
+
+
 def test_inbound_buffered_response_over_high_water_pauses_its_app_connection() -> None:
     """A response answered before its turn is buffered; past the high-water mark its app
     connection stops reading, and reads again once it is that response's turn."""
     async def scenario() -> None:
-        rig = Rig()
-        peer = rig.peer()
-        peer.data_received(get("/1") + get("/2"))
-        up1, up2 = rig.ups
-        big = b"z" * (2 * HIGH_WATER)
-        up2.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(big) + 1) + big)
-        assert up2.transport.paused
+        peer, up1, up2, big = two_gets_the_second_answered_big_first()
         up1.data_received(ok(b"one"))
         await turn()
         assert not up2.transport.paused
@@ -1110,13 +1118,7 @@ def test_inbound_held_response_stays_paused_when_its_turn_comes_and_the_peer_is_
     held response's turn comes its app connection stays paused (its bytes would only pile
     up in our buffer), and reads again once the peer reads."""
     async def scenario() -> None:
-        rig = Rig()
-        peer = rig.peer()
-        peer.data_received(get("/1") + get("/2"))
-        up1, up2 = rig.ups
-        big = b"z" * (2 * HIGH_WATER)
-        up2.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(big) + 1) + big)
-        assert up2.transport.paused
+        peer, up1, up2, big = two_gets_the_second_answered_big_first()
         peer.pause_writing()
         up1.data_received(ok(b"one"))
         await turn()
