@@ -12,6 +12,7 @@ from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, RequestReceived, ResponseReceived
 
 from . import clock, grpc
+from .core.routing import modify_headers
 from .h2conn import (MAX_CONCURRENT_STREAMS, MAX_HEADERS, MAX_STREAMS_PER_CONN,
                      RAPID_RESET_MIN_STREAMS, RAPID_RESET_WINDOW, H2Conn)
 from .h2stream import H2Exchange, Half, clean_headers
@@ -159,7 +160,11 @@ class H2ClientConn(H2Conn):
                 x.grpc_status = gs
         peer = half.peer
         if peer is not None:
-            peer.send_headers(clean_headers(ev.headers), end)
+            headers = clean_headers(ev.headers)
+            mod = x.route.response_headers if x is not None and x.route is not None else None
+            if mod is not None:   # the route's ResponseHeaderModifier (outbound)
+                headers = modify_headers(mod, headers)
+            peer.send_headers(headers, end)
             peer.conn.flush()
 
     def got_trailers(self, half: Half, trailers: list[tuple[bytes, bytes]]) -> None:

@@ -36,10 +36,15 @@ from h2.errors import ErrorCodes
 
 from . import clock, grpc, tls
 from .authz import HTTP_ALLOW, HTTP_DENY
+from .core.fault import decide
+from .core.fields import render_duration
+from .core.routing import DEFAULT_NAME, split_target
 from .h2ends import H2ClientConn, H2Pool, H2ServerConn
 from .h2stream import H2Exchange, Half, clean_headers
 from .observe import TapHub
 from .outbound import normalize_authority
+from .resilience import ROUTES
+from .routes import ROUTE_REQUESTS, backend_authority, header_changes
 from .tracing import CLIENT, SERVER
 
 log = logging.getLogger(__name__)
@@ -198,6 +203,10 @@ class Router2:
             else:
                 x.lb.end(clock.monotonic(), (t - x.start) if x.resp_at else None,
                          x.status >= 500 or (x.grpc and x.grpc_status in grpc.BREAKER_CODES))
+        if x.route is not None:   # outbound: route_response_total and `mesh routes`
+            self.proxy.outbound.routing.count_response(x.route, failure)
+        if x.route_key:
+            ROUTES.both.add(x.route_key, failure, latency, t)
         if x.metric_key:
             m = self.proxy.metrics
             if x.grpc:
@@ -210,21 +219,26 @@ class Router2:
                                       "status": x.status, "grpc_status": x.grpc_status,
                                       "error": error, "protocol": "HTTP/2"})
 
-    def arm_deadline(self, x: H2Exchange) -> None:
-        """A gRPC call's ``grpc-timeout`` is also a response timeout here (DEADLINE_EXCEEDED)."""
-        if not x.grpc:
-            return
-        for name, value in x.headers:
-            if name == b"grpc-timeout":
-                secs = grpc.parse_timeout(value)
-                if secs is not None:
-                    x.timer = self.loop.call_later(secs, self._deadline, x)
-                return
+    def arm_deadline(self, x: H2Exchange, limit: float = 0.0, reason: str = "") -> None:
+        """A response timeout: a route's (``limit`` seconds, when not 0) or a gRPC call's
+        ``grpc-timeout``, the shorter. Past it, 504 (gRPC: DEADLINE_EXCEEDED)."""
+        secs = limit
+        if x.grpc:
+            for name, value in x.headers:
+                if name == b"grpc-timeout":
+                    g = grpc.parse_timeout(value)
+                    if g is not None and (not secs or g < secs):
+                        secs, reason = g, "deadline exceeded"
+                    break
+        if secs:
+            if x.timer is not None:
+                x.timer.cancel()
+            x.timer = self.loop.call_later(secs, self._deadline, x, reason)
 
-    def _deadline(self, x: H2Exchange) -> None:
+    def _deadline(self, x: H2Exchange, reason: str) -> None:
         x.timer = None
         if not x.done and x.status == 0:
-            self.fail(x, 504, "deadline exceeded", grpc.DEADLINE_EXCEEDED)
+            self.fail(x, 504, reason, grpc.DEADLINE_EXCEEDED)
 
 
 class Outbound2(Router2):
@@ -250,7 +264,69 @@ class Outbound2(Router2):
             self.fail(x, 400, "no valid :authority in request")
             return
         x.authority = auth
-        self.arm_deadline(x)
+        prof = self.proxy.profiles.get(auth)
+        if prof.table is None:   # the routes of a new authority are not known yet
+            self.proxy.spawn(self._wait_profile(x, prof))
+            return
+        self.route(x, prof)
+
+    async def _wait_profile(self, x: H2Exchange, prof: Any) -> None:
+        try:
+            await asyncio.wait_for(prof.ready.wait(), self.proxy.cfg.failfast_timeout)
+        except asyncio.TimeoutError:
+            log.info("routes not known in time; using the default route", extra={"authority": prof.authority})
+        if not x.done:
+            self.route(x, prof)
+
+    # --- HTTPRoutes, as for HTTP/1 (routes.py): match, fault, backend split, header
+    # modifiers and timeouts; no retries or mirrors for HTTP/2 streams
+    def route(self, x: H2Exchange, prof: Any) -> None:
+        if not prof.routed or prof.table is None:
+            if prof.default is not None:
+                self._count(x, prof.default)
+            self.arm_deadline(x)
+            self.resolve(x, x.authority)
+            return
+        path, query = split_target(x.pseudo(b":path"))
+        route = prof.table.select(x.pseudo(b":method"), path, query, x.headers)
+        self._count(x, route)
+        if route.fault is not None:
+            rand = self.proxy.outbound.routing.rand
+            inject = decide(route.fault, rand(), rand())
+            if inject.delay:
+                x.timer = self.loop.call_later(inject.delay, self._delayed, x, prof, route, inject.abort)
+                return
+            if inject.abort:
+                self.fail(x, inject.abort, "fault injected: abort")
+                return
+        self._forward(x, prof, route)
+
+    def _count(self, x: H2Exchange, route: Any) -> None:
+        x.route = route
+        self.proxy.metrics.inc(ROUTE_REQUESTS, self.proxy.outbound.routing.keys(x.authority, route)[1])
+
+    def _delayed(self, x: H2Exchange, prof: Any, route: Any, abort: int) -> None:
+        x.timer = None
+        if x.done:
+            return
+        if abort:
+            self.fail(x, abort, "fault injected: abort (after a delay)")
+            return
+        self._forward(x, prof, route)
+
+    def _forward(self, x: H2Exchange, prof: Any, route: Any) -> None:
+        auth = backend_authority(prof, route, x.authority, self.proxy.outbound.routing.rand())
+        if auth is None:
+            self.fail(x, 500, f"route {route.name}: every backend has weight 0")
+            return
+        t = route.timeouts   # no retries here: the shorter of the two bounds the response
+        secs, what = t.request, "timeouts.request"
+        if t.backend_request and (not secs or t.backend_request < secs):
+            secs, what = t.backend_request, "timeouts.backendRequest"
+        self.arm_deadline(x, secs, f"request timeout ({what} {render_duration(secs)})" if secs else "")
+        self.resolve(x, auth)
+
+    def resolve(self, x: H2Exchange, auth: str) -> None:
         res = self.proxy.discovery.get(auth)
         if res.exists and res.endpoints:
             self.send(x, res)
@@ -280,6 +356,8 @@ class Outbound2(Router2):
         x.endpoint = ep
         ep.lb.begin(clock.monotonic())
         x.metric_key = ep.metric_key
+        if not x.route_key:
+            x.route_key = ROUTES.key(res.authority, x.route.name if x.route is not None else DEFAULT_NAME)
         proxy.metrics.request(ep.metric_key)
         if ep.metric_key not in proxy.metrics.window.info:
             proxy.metrics.window.describe(
@@ -289,7 +367,8 @@ class Outbound2(Router2):
         if proxy.tap.subs:
             self.tap(x, {"workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
                          "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"})
-        headers = self.trace(x, CLIENT, [], frozenset())
+        extra, drop = header_changes(x.route) if x.route is not None else ([], frozenset())
+        headers = self.trace(x, CLIENT, extra, drop)
         pool = self.pool(ep)
         c = pool.take()
         if c is not None:

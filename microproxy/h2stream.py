@@ -39,7 +39,7 @@ class H2Exchange:
 
     __slots__ = ("down", "up", "start", "resp_at", "status", "grpc", "grpc_status", "done",
                  "metric_key", "lb", "authority", "headers", "timer", "flag", "router", "tap",
-                 "resp_bytes", "method", "endpoint", "span")
+                 "resp_bytes", "method", "endpoint", "span", "route", "route_key")
 
     def __init__(self, down: "Half", headers: list[tuple[bytes, bytes]], router: Any) -> None:
         self.down = down
@@ -62,6 +62,8 @@ class H2Exchange:
         self.method = b""             # for tracing (set by the router when it traces)
         self.endpoint: Any = None     # outbound: the discovery.Endpoint picked
         self.span: Any = None         # a tracing.Span when this stream is traced
+        self.route: Any = None        # outbound: the core.routing.Route it matched
+        self.route_key = ""           # outbound: its row in `mesh routes` (resilience.ROUTES)
 
     def pseudo(self, name: bytes) -> bytes:
         """A request pseudo-header's value (``:method``, ``:path``, ...), b"" when absent."""
@@ -102,6 +104,7 @@ class Half:
             self.fail_local()
             return
         self.headers_sent = True
+        self.conn.dirty = True   # (a timer's answer, e.g. a deadline, is flushed by its caller)
         if end:
             self.tx_done = True
             self.check_closed()

@@ -55,28 +55,34 @@ class RouteRouter:
         self._keys: dict[int, tuple[Route, str, str, str]] = {}
         self.rand = random.random
 
-    def count(self, ex: Exchange, route: Route) -> None:
-        """Count a request on ``route`` (route_request_total) and its response when it ends."""
+    def keys(self, authority: str, route: Route) -> tuple[Route, str, str, str]:
+        """(route, request key, success key, failure key): the label strings of ``route``."""
         entry = self._keys.get(id(route))
         if entry is None or entry[0] is not route:
             if len(self._keys) >= MAX_KEYS:
                 self._keys.clear()
-            base = labels(dst=ex.authority, rt_route=route.name, rt_namespace=route.namespace)
+            base = labels(dst=authority, rt_route=route.name, rt_namespace=route.namespace)
             entry = self._keys[id(route)] = (route, base, base + ',classification="success"',
                                               base + ',classification="failure"')
-        self.proxy.metrics.inc(ROUTE_REQUESTS, entry[1])
+        return entry
+
+    def count(self, ex: Exchange, route: Route) -> None:
+        """Count a request on ``route`` (route_request_total) and its response when it ends."""
+        self.proxy.metrics.inc(ROUTE_REQUESTS, self.keys(ex.authority, route)[1])
         ex.route = route
         ex.on_finish = self._ended
+
+    def count_response(self, route: Route, failed: bool) -> None:
+        entry = self._keys.get(id(route))
+        if entry is not None:
+            self.proxy.metrics.inc(ROUTE_RESPONSES, entry[3] if failed else entry[2])
 
     def _ended(self, ex: Exchange) -> None:
         t = ex.timer
         if t is not None:
             ex.timer = None
             t.cancel()
-        entry = self._keys.get(id(ex.route))
-        if entry is not None:
-            failed = ex.status >= 500 or not ex.status
-            self.proxy.metrics.inc(ROUTE_RESPONSES, entry[3] if failed else entry[2])
+        self.count_response(ex.route, ex.status >= 500 or not ex.status)
 
     def default(self, conn: ServerConn, ex: Exchange, prof: Profile) -> None:
         """No HTTPRoute: the request goes to the authority itself; only counted."""
@@ -112,22 +118,11 @@ class RouteRouter:
 
     def _forward(self, conn: ServerConn, ex: Exchange, prof: Profile, route: Route, host: bytes,
                  path: bytes) -> None:
-        backend = choose_backend(route, self.rand())
-        if backend is None:
+        auth = backend_authority(prof, route, ex.authority, self.rand())
+        if auth is None:
             conn.respond_error(ex, 500, f"route {route.name}: every backend has weight 0", "NR")
             return
-        table = prof.table
-        if table is not None and backend.name == table.service \
-                and backend.namespace == table.namespace and backend.port == table.port:
-            auth = ex.authority   # the parent service itself: the caller's authority
-        else:
-            auth = f"{backend.name}.{backend.namespace}:{backend.port}"
-        extra: list[tuple[bytes, bytes]] = []
-        drop: frozenset[bytes] = frozenset()
-        mod = route.request_headers
-        if mod is not None:
-            drop = frozenset(n.encode() for n in mod.remove) | frozenset(n.encode() for n, _ in mod.set)
-            extra = [(n.encode(), v.encode()) for n, v in mod.set + mod.add]
+        extra, drop = header_changes(route)
         tracer = self.proxy.tracer
         ex.wire_head = ex.head(path, host, extra, drop) if tracer is None else \
             ex.head(path, host, *tracer.begin(ex, CLIENT, path, extra, drop))
@@ -156,3 +151,25 @@ class RouteRouter:
             ex.upstream = None
             up.abort()   # the response, if any, has nowhere to go now
         conn.respond_error(ex, 504, reason, "UT")
+
+
+def backend_authority(prof: Profile, route: Route, authority: str, r: float) -> str | None:
+    """The authority of the backend ``route`` picks with the random float ``r`` (the caller's
+    ``authority`` when it is the parent service itself); None when every weight is 0."""
+    backend = choose_backend(route, r)
+    if backend is None:
+        return None
+    table = prof.table
+    if table is not None and backend.name == table.service \
+            and backend.namespace == table.namespace and backend.port == table.port:
+        return authority
+    return f"{backend.name}.{backend.namespace}:{backend.port}"
+
+
+def header_changes(route: Route) -> tuple[list[tuple[bytes, bytes]], frozenset[bytes]]:
+    """(headers to add, header names to drop) for the route's RequestHeaderModifier."""
+    mod = route.request_headers
+    if mod is None:
+        return [], frozenset()
+    drop = frozenset(n.encode() for n in mod.remove) | frozenset(n.encode() for n, _ in mod.set)
+    return [(n.encode(), v.encode()) for n, v in mod.set + mod.add], drop
