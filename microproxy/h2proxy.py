@@ -36,6 +36,7 @@ from h2.errors import ErrorCodes
 
 from . import clock, grpc, tls
 from .authz import HTTP_ALLOW, HTTP_DENY
+from .core.breaker import ADMIT
 from .core.fault import decide
 from .core.fields import render_duration
 from .core.routing import DEFAULT_NAME, split_target
@@ -203,6 +204,9 @@ class Router2:
             else:
                 x.lb.end(clock.monotonic(), (t - x.start) if x.resp_at else None,
                          x.status >= 500 or (x.grpc and x.grpc_status in grpc.BREAKER_CODES))
+        if x.admitted is not None:
+            x.admitted.request_done()
+            x.admitted = None
         if x.route is not None:   # outbound: route_response_total and `mesh routes`
             self.proxy.outbound.routing.count_response(x.route, failure)
         if x.route_key:
@@ -347,6 +351,12 @@ class Outbound2(Router2):
             self.fail(x, 503, f"no endpoints for {res.authority} (fail-fast)")
 
     def send(self, x: H2Exchange, res: Any) -> None:
+        adm = res.svc.admission   # the per-service pending-request limit, as for HTTP/1
+        verdict = adm.request()
+        if verdict is not ADMIT:
+            self.fail(x, 503, verdict.reason)
+            return
+        x.admitted = adm
         ep = res.pick()
         if ep is None:
             self.fail(x, 503, "all endpoints are failing (circuit open)")

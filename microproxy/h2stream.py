@@ -39,7 +39,7 @@ class H2Exchange:
 
     __slots__ = ("down", "up", "start", "resp_at", "status", "grpc", "grpc_status", "done",
                  "metric_key", "lb", "authority", "headers", "timer", "flag", "router", "tap",
-                 "resp_bytes", "method", "endpoint", "span", "route", "route_key")
+                 "resp_bytes", "method", "endpoint", "span", "route", "route_key", "admitted")
 
     def __init__(self, down: "Half", headers: list[tuple[bytes, bytes]], router: Any) -> None:
         self.down = down
@@ -64,6 +64,7 @@ class H2Exchange:
         self.span: Any = None         # a tracing.Span when this stream is traced
         self.route: Any = None        # outbound: the core.routing.Route it matched
         self.route_key = ""           # outbound: its row in `mesh routes` (resilience.ROUTES)
+        self.admitted: Any = None     # outbound: the service's Admission holding a slot for it
 
     def pseudo(self, name: bytes) -> bytes:
         """A request pseudo-header's value (``:method``, ``:path``, ...), b"" when absent."""

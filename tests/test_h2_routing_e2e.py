@@ -10,7 +10,8 @@ authority, as in tests/test_h2_e2e.py.
 Shown: a header match sends a call to ``g-v2`` with the rule's RequestHeaderModifier and
 ResponseHeaderModifier applied, other calls take the catch-all rule to ``g-v1``;
 ``timeouts.request`` ends a slow call with DEADLINE_EXCEEDED naming the timeout; a fault
-abort answers UNAVAILABLE without reaching an app; route metrics count the calls.
+abort answers UNAVAILABLE without reaching an app; route metrics count the calls; a client
+with ``MESH_MAX_PENDING_REQUESTS=1`` refuses a second call while one is in flight.
 """
 from __future__ import annotations
 
@@ -65,9 +66,11 @@ class Env:
     tmp: Path
     outbound: int
     admin: int
+    limited: int          # a client with MESH_MAX_PENDING_REQUESTS=1: its outbound port
+    limited_admin: int    # ... and its admin port
 
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(f"{HOST}:{self.outbound}", options=[
+    def channel(self, port: int = 0) -> grpc.Channel:
+        return grpc.insecure_channel(f"{HOST}:{port or self.outbound}", options=[
             ("grpc.default_authority", f"g.default:{SVC}"), ("grpc.enable_http_proxy", 0)])
 
     def who(self, metadata: tuple[tuple[str, str], ...] = ()) -> tuple[str, dict[str, str]]:
@@ -97,13 +100,30 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             mesh(home, "run", "--name", name, "--port", str(local.free_port()), "--service-port", str(SVC),
                  "--detach", "--", sys.executable, str(app), name)
         mesh(home, "run", "--name", "client", "--detach", "--", "sleep", "600")
-        client = next(w for w in ps(home) if w["name"] == "client")
-        e = Env(home, tmp, int(client["outbound_port"]), int(client["admin_port"]))
+        mesh(home, "run", "--name", "limited", "--detach", "--", "sleep", "600",
+             MESH_MAX_PENDING_REQUESTS="1")
+        w = {w["name"]: w for w in ps(home)}
+        e = Env(home, tmp, int(w["client"]["outbound_port"]), int(w["client"]["admin_port"]),
+                int(w["limited"]["outbound_port"]), int(w["limited"]["admin_port"]))
         assert e.who()[0] == "g -"   # no route yet: the service itself
         yield e
     finally:
         mesh(home, "down", check=False)
         sweep(home)
+
+
+@pytest.fixture(autouse=True)
+def no_routes_left(env: Env) -> Iterator[None]:
+    yield
+    mesh(env.home, "delete", "httproute", "g-split", "--ignore-not-found")
+
+    def plain() -> bool:
+        try:
+            return env.who()[0] == "g -"
+        except grpc.RpcError:
+            return False
+
+    wait_until(plain, 10, "the route to be gone")
 
 
 def route(name: str, rules: str, annotations: str = "") -> str:
@@ -170,3 +190,22 @@ def test_grpc_fault_abort(env: Env) -> None:
         return False
 
     wait_until(aborted, 10, "the fault to apply")
+
+
+def test_grpc_calls_over_the_pending_limit_fail_fast(env: Env) -> None:
+    """MESH_MAX_PENDING_REQUESTS holds for HTTP/2 streams too: with one slow call in flight
+    a second call is refused at once (UNAVAILABLE, naming the limit); then calls flow again."""
+    def pending() -> int:
+        cfg = json.loads(local.admin_get(env.limited_admin, "/config")[1])
+        return int(cfg["balancer"].get(f"g.default:{SVC}", {}).get("pending_requests", 0))
+
+    with env.channel(env.limited) as ch:
+        slow = ch.unary_unary(f"/{SERVICE}/Slow").future(b"", timeout=10)
+        wait_until(lambda: pending() == 1, 2, "the slow call in flight")
+        with pytest.raises(grpc.RpcError) as err:
+            ch.unary_unary(f"/{SERVICE}/Who")(b"", timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "max pending requests (1) reached" in err.value.details()
+        assert slow.result() == b"g"
+        assert pending() == 0
+        assert ch.unary_unary(f"/{SERVICE}/Who")(b"", timeout=10) == b"g -"
