@@ -10,6 +10,7 @@ from typing import Any
 
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, RequestReceived, ResponseReceived
+from h2.exceptions import ProtocolError
 
 from . import clock, grpc
 from .core.routing import modify_headers
@@ -120,6 +121,7 @@ class H2ClientConn(H2Conn):
         self.pool = pool
         self.opened = 0
         self.goaway = False
+        self.idle_since = loop.time()   # when its last stream ended (H2Pool.sweep)
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -189,7 +191,10 @@ class H2ClientConn(H2Conn):
         super().remote_reset(half, code)
 
     def stream_dropped(self, half: Half) -> None:
-        if not self.streams and (self.goaway or self.opened >= MAX_STREAMS_PER_CONN):
+        if self.streams:
+            return
+        self.idle_since = self.loop.time()
+        if self.goaway or self.opened >= MAX_STREAMS_PER_CONN:
             self.transport.close()
 
     def stream_broken(self, half: Half) -> None:
@@ -217,8 +222,9 @@ class H2ClientConn(H2Conn):
 class H2Pool:
     """Multiplexed connections to one endpoint: one, more only when it is full."""
 
-    def __init__(self, connect: Any) -> None:
+    def __init__(self, connect: Any, idle_timeout: float = 60.0) -> None:
         self._connect = connect      # async (pool) -> H2ClientConn
+        self.idle_timeout = idle_timeout
         self.conns: list[H2ClientConn] = []
         self.connecting: asyncio.Future[H2ClientConn] | None = None
 
@@ -255,7 +261,15 @@ class H2Pool:
         except ValueError:
             pass  # already gone
 
-    def close_idle(self) -> None:
-        for c in list(self.conns):
-            if not c.streams:
-                c.transport.close()
+    def sweep(self, now: float) -> None:
+        """Close the connections with no stream for longer than ``idle_timeout`` (GOAWAY
+        first: the peer sees a clean end, not a reset)."""
+        for c in [c for c in self.conns if not c.streams and now - c.idle_since > self.idle_timeout]:
+            self.discard(c)
+            c.goaway = True
+            try:
+                c.h2.close_connection()
+                c.flush()
+            except ProtocolError:
+                pass  # the connection is already closing: just close it
+            c.transport.close()

@@ -416,6 +416,10 @@ class Outbound2(Router2):
             pool = self.pools[key] = H2Pool(connect)
         return pool
 
+    def sweep(self, now: float) -> None:
+        for pool in list(self.pools.values()):
+            pool.sweep(now)
+
 
 class Inbound2(Router2):
     """HTTP/2 streams from peers (mTLS, ALPN h2) or plaintext h2c clients: authorize, count,
@@ -432,7 +436,11 @@ class Inbound2(Router2):
                 _, c = await asyncio.wait_for(proxy.loop.create_connection(
                     lambda: H2ClientConn(proxy.loop, p), "127.0.0.1", port), proxy.cfg.connect_timeout)
                 return c  # type: ignore[no-any-return]
-            self.app_pool = H2Pool(connect)
+            self.app_pool = H2Pool(connect, idle_timeout=4.0)   # as the HTTP/1 app pool
+
+    def sweep(self, now: float) -> None:
+        if self.app_pool is not None:
+            self.app_pool.sweep(now)
 
     def dispatch(self, conn: H2ServerConn, x: H2Exchange) -> None:
         proxy = self.proxy

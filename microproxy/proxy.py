@@ -279,6 +279,10 @@ class Proxy:
                 pool.sweep(now)
             if self.inbound.app_pool is not None:
                 self.inbound.app_pool.sweep(now)
+            for router in (self.outbound, self.inbound):   # HTTP/2 pools, once HTTP/2 showed up
+                h2r = router.__dict__.get("h2_router")
+                if h2r is not None:
+                    h2r.sweep(now)
             self.discovery.evict()
             self.profiles.evict()
 

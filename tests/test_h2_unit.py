@@ -14,8 +14,8 @@ import h2.events
 import pytest
 from h2.errors import ErrorCodes
 
-from microproxy.h2ends import H2ServerConn
-from microproxy.h2stream import H2Exchange
+from microproxy.h2ends import H2ClientConn, H2Pool, H2ServerConn
+from microproxy.h2stream import H2Exchange, Half
 from microproxy.metrics import Metrics, labels
 
 
@@ -95,3 +95,33 @@ def test_a_bug_in_one_stream_resets_it_and_the_connection_goes_on(caplog: pytest
     with caplog.at_level(logging.ERROR, logger="microproxy.h2conn"):
         asyncio.run(scenario())
     assert "HTTP/2 event handling failed" in caplog.text
+
+
+def test_pooled_connections_idle_past_the_timeout_are_closed_with_goaway() -> None:
+    """H2Pool.sweep (run by the proxy's sweeper): a pooled connection with no stream for
+    longer than its idle timeout leaves the pool with a GOAWAY and is closed; one still
+    carrying a stream, or idle for less, stays."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pool = H2Pool(connect=None, idle_timeout=60.0)
+        conns = []
+        for _ in range(3):
+            c = H2ClientConn(loop, pool)
+            c.connection_made(FakeTransport())
+            pool.conns.append(c)
+            conns.append(c)
+        busy, idle, fresh = conns
+        busy.open(Half(fresh, 0, None), [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"),
+                                         (b":authority", b"a:1")], True)
+        now = loop.time()
+        busy.idle_since = idle.idle_since = now - 61
+        pool.sweep(now)
+        assert pool.conns == [busy, fresh]
+        assert idle.transport.closed and not busy.transport.closed and not fresh.transport.closed
+        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        server.initiate_connection()
+        events = server.receive_data(bytes(idle.transport.data))
+        assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+        assert pool.take() is busy
+
+    asyncio.run(scenario())
