@@ -331,6 +331,7 @@ class UpstreamConn(asyncio.Protocol):
             if self.draining and not 100 <= self.parser.get_status_code() < 200:
                 self.draining = False
                 self.ex = None
+                self._unpause()   # a pause for the client of the discarded response is over
                 if self.parser.should_keep_alive():
                     self._next()
                 else:
@@ -428,9 +429,9 @@ class Pool:
 
     def pipeline_target(self) -> UpstreamConn | None:
         """A busy connection to pipeline one more GET on, once ``after`` connections are
-        busy: one whose response in flight is young (never behind a slow one) and not too
-        deep; the one already holding heads to write in this loop iteration, else the least
-        deep."""
+        busy: one whose response in flight is young (never behind a slow one), not paused
+        (never behind a client that is not reading) and not too deep; the one already holding
+        heads to write in this loop iteration, else the least deep."""
         busy = self.busy
         if len(busy) < self.after:
             return None
@@ -439,7 +440,8 @@ class Pool:
         depth = self.depth - 1
         for up in busy:
             n = len(up.pipe)
-            if up.pipelinable and up.since >= oldest and n < depth and not up.closed:
+            if up.pipelinable and up.since >= oldest and n < depth and not up.closed \
+                    and not up.paused:   # (paused: its client is not reading; never behind it)
                 if up.wout is not None:
                     return up   # heads are waiting to be written there: join them (one record)
                 if best is None or n < len(best.pipe):

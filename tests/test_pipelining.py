@@ -1129,3 +1129,54 @@ def test_inbound_held_response_stays_paused_when_its_turn_comes_and_the_peer_is_
         await turn()
         assert bodies(peer.transport) == [b"one", big + b"!"]
     run(scenario)
+
+
+def test_no_get_is_pipelined_behind_a_connection_paused_for_a_client_not_reading() -> None:
+    """Client A is not reading and sends a GET: its connection starts paused. Client C's
+    GET must not be pipelined behind it (it would wait for A to read, forever if A never
+    does: pipelinable GETs have no timer); it gets a connection of its own. (Found in review.)"""
+    async def scenario() -> None:
+        rig = Rig(ON)
+        a, c = rig.client(), rig.client()
+        a.pause_writing()
+        a.data_received(get("/a"))
+        await turn()
+        up = rig.ups[0]
+        assert up.transport.paused and up.paused == {"downstream"}
+        c.data_received(get("/c"))
+        await turn()
+        assert len(rig.ups) == 2 and not up.pipe
+        rig.ups[1].data_received(ok(b"for c"))
+        assert bodies(c.transport) == [b"for c"]
+    run(scenario)
+
+
+class RetryOnce(FakeRS):
+    """Retries the first response it sees (the HTTP/1 layer then drains it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def on_head(self, ex: Exchange, status: int, up: Any) -> bool:
+        self.seen += 1
+        return self.seen == 1
+
+
+def test_a_drained_retried_response_does_not_leave_its_connection_paused() -> None:
+    """The client stops reading while its response is read; that response is then retried
+    (drained, not forwarded). The connection goes back to the pool reading again: the next
+    request on it must not hang. (Found in review: the drain path kept the pause.)"""
+    async def scenario() -> None:
+        rig = Rig()
+        a = rig.client()
+        rig.prepare = lambda ex: setattr(ex, "rs", RetryOnce())
+        a.data_received(get("/a"))
+        await turn()
+        up = rig.ups[0]
+        up.data_received(b"HTTP/1.1 100 Continue\r\n\r\n")
+        a.pause_writing()
+        assert up.transport.paused
+        up.data_received(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\nno")
+        assert rig.pool.idle == [up] and not up.transport.paused and not up.paused
+    run(scenario)
