@@ -164,8 +164,9 @@ class H2ClientConn(H2Conn):
         if peer is not None:
             headers = clean_headers(ev.headers)
             mod = x.route.response_headers if x is not None and x.route is not None else None
-            if mod is not None:   # the route's ResponseHeaderModifier (outbound)
-                headers = modify_headers(mod, headers)
+            if mod is not None:   # the route's ResponseHeaderModifier (outbound); framing stays
+                headers = modify_headers(mod, [h for h in headers if h[0] != b"content-length"]) \
+                    + [h for h in headers if h[0] == b"content-length"]
             peer.send_headers(headers, end)
             peer.conn.flush()
 

@@ -192,6 +192,8 @@ class Router2:
             x.span.finish(x, x.down.conn)
         if x.timer is not None:
             x.timer.cancel()
+        if x.delay is not None:
+            x.delay.cancel()
         t = x.resp_at or perf_counter()
         latency = (t - x.start) * 1000.0
         if x.tap is not None:
@@ -224,25 +226,35 @@ class Router2:
                                       "error": error, "protocol": "HTTP/2"})
 
     def arm_deadline(self, x: H2Exchange, limit: float = 0.0, reason: str = "") -> None:
-        """A response timeout: a route's (``limit`` seconds, when not 0) or a gRPC call's
-        ``grpc-timeout``, the shorter. Past it, 504 (gRPC: DEADLINE_EXCEEDED)."""
-        secs = limit
-        if x.grpc:
-            for name, value in x.headers:
-                if name == b"grpc-timeout":
-                    g = grpc.parse_timeout(value)
-                    if g is not None and (not secs or g < secs):
-                        secs, reason = g, "deadline exceeded"
-                    break
-        if secs:
+        """Bound the response: without ``limit``, by a gRPC call's ``grpc-timeout`` (armed when
+        the call arrives); with it, by a route's timeout of ``limit`` seconds, unless the
+        deadline already armed comes first. Past it: 504 (gRPC: DEADLINE_EXCEEDED), or both
+        streams reset when the response had begun (as HTTP/1 aborts)."""
+        if limit:
+            at = self.loop.time() + limit
             if x.timer is not None:
+                if x.timer.when() <= at:
+                    return
                 x.timer.cancel()
-            x.timer = self.loop.call_later(secs, self._deadline, x, reason)
+            x.timer = self.loop.call_at(at, self._deadline, x, reason)
+            return
+        if not x.grpc:
+            return
+        for name, value in x.headers:
+            if name == b"grpc-timeout":
+                secs = grpc.parse_timeout(value)
+                if secs is not None:
+                    x.timer = self.loop.call_later(secs, self._deadline, x, "deadline exceeded")
+                return
 
     def _deadline(self, x: H2Exchange, reason: str) -> None:
         x.timer = None
-        if not x.done and x.status == 0:
-            self.fail(x, 504, reason, grpc.DEADLINE_EXCEEDED)
+        if x.done:
+            return
+        if x.lb is not None:   # the caller's time ran out: that says nothing about the endpoint
+            x.lb.cancel()
+            x.lb = None
+        self.fail(x, 504, reason, grpc.DEADLINE_EXCEEDED)
 
 
 class Outbound2(Router2):
@@ -268,6 +280,7 @@ class Outbound2(Router2):
             self.fail(x, 400, "no valid :authority in request")
             return
         x.authority = auth
+        self.arm_deadline(x)   # grpc-timeout runs from the call's arrival
         prof = self.proxy.profiles.get(auth)
         if prof.table is None:   # the routes of a new authority are not known yet
             self.proxy.spawn(self._wait_profile(x, prof))
@@ -288,7 +301,6 @@ class Outbound2(Router2):
         if not prof.routed or prof.table is None:
             if prof.default is not None:
                 self._count(x, prof.default)
-            self.arm_deadline(x)
             self.resolve(x, x.authority)
             return
         path, query = split_target(x.pseudo(b":path"))
@@ -298,7 +310,7 @@ class Outbound2(Router2):
             rand = self.proxy.outbound.routing.rand
             inject = decide(route.fault, rand(), rand())
             if inject.delay:
-                x.timer = self.loop.call_later(inject.delay, self._delayed, x, prof, route, inject.abort)
+                x.delay = self.loop.call_later(inject.delay, self._delayed, x, prof, route, inject.abort)
                 return
             if inject.abort:
                 self.fail(x, inject.abort, "fault injected: abort")
@@ -310,7 +322,7 @@ class Outbound2(Router2):
         self.proxy.metrics.inc(ROUTE_REQUESTS, self.proxy.outbound.routing.keys(x.authority, route)[1])
 
     def _delayed(self, x: H2Exchange, prof: Any, route: Any, abort: int) -> None:
-        x.timer = None
+        x.delay = None
         if x.done:
             return
         if abort:
@@ -377,8 +389,11 @@ class Outbound2(Router2):
         if proxy.tap.subs:
             self.tap(x, {"workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
                          "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"})
-        extra, drop = header_changes(x.route) if x.route is not None else ([], frozenset())
+        extra, drop, new_host = header_changes(x.route) if x.route is not None else ([], frozenset(), None)
         headers = self.trace(x, CLIENT, extra, drop)
+        if new_host is not None:   # a route's Host is the :authority here
+            headers = [(b":authority", new_host) if h[0] == b":authority" else h for h in headers
+                       if h[0] != b"host"]
         pool = self.pool(ep)
         c = pool.take()
         if c is not None:

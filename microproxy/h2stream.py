@@ -39,7 +39,7 @@ class H2Exchange:
 
     __slots__ = ("down", "up", "start", "resp_at", "status", "grpc", "grpc_status", "done",
                  "metric_key", "lb", "authority", "headers", "timer", "flag", "router", "tap",
-                 "resp_bytes", "method", "endpoint", "span", "route", "route_key", "admitted")
+                 "resp_bytes", "method", "endpoint", "span", "route", "route_key", "admitted", "delay")
 
     def __init__(self, down: "Half", headers: list[tuple[bytes, bytes]], router: Any) -> None:
         self.down = down
@@ -54,7 +54,8 @@ class H2Exchange:
         self.lb: Any = None
         self.authority = ""
         self.headers = headers
-        self.timer: Any = None
+        self.timer: Any = None        # the response deadline (grpc-timeout, a route's timeout)
+        self.delay: Any = None        # outbound: a route's fault delay in progress
         self.flag = ""
         self.router = router
         self.tap: Any = None          # a TapHub handle when someone taps this stream

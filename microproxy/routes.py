@@ -122,7 +122,9 @@ class RouteRouter:
         if auth is None:
             conn.respond_error(ex, 500, f"route {route.name}: every backend has weight 0", "NR")
             return
-        extra, drop = header_changes(route)
+        extra, drop, new_host = header_changes(route)
+        if new_host is not None:
+            host = new_host
         tracer = self.proxy.tracer
         ex.wire_head = ex.head(path, host, extra, drop) if tracer is None else \
             ex.head(path, host, *tracer.begin(ex, CLIENT, path, extra, drop))
@@ -166,10 +168,18 @@ def backend_authority(prof: Profile, route: Route, authority: str, r: float) -> 
     return f"{backend.name}.{backend.namespace}:{backend.port}"
 
 
-def header_changes(route: Route) -> tuple[list[tuple[bytes, bytes]], frozenset[bytes]]:
-    """(headers to add, header names to drop) for the route's RequestHeaderModifier."""
+def header_changes(route: Route) -> tuple[list[tuple[bytes, bytes]], frozenset[bytes], bytes | None]:
+    """(headers to add, header names to drop, a new Host or None) for the route's
+    RequestHeaderModifier. A Host it sets or adds replaces the request's (HTTP/1 ``Host``,
+    HTTP/2 ``:authority``) instead of being sent twice."""
     mod = route.request_headers
     if mod is None:
-        return [], frozenset()
+        return [], frozenset(), None
     drop = frozenset(n.encode() for n in mod.remove) | frozenset(n.encode() for n, _ in mod.set)
-    return [(n.encode(), v.encode()) for n, v in mod.set + mod.add], drop
+    extra, host = [], None
+    for n, v in mod.set + mod.add:
+        if n.lower() == "host":
+            host = v.encode()
+        else:
+            extra.append((n.encode(), v.encode()))
+    return extra, drop, host

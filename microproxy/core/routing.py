@@ -132,7 +132,7 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
 def modify_headers(mod: HeaderModifier, headers: Headers) -> Headers:
     """A new header list: ``remove``, then ``set`` (replaces all values), then ``add`` (appends)."""
     drop = {n.encode() for n in mod.remove} | {n.encode() for n, _ in mod.set}
-    out = [(n, v) for n, v in headers if n not in drop]
+    out = [h for h in headers if h[0] not in drop]   # (h2's never-indexed tuples stay so)
     out += [(n.encode(), v.encode()) for n, v in mod.set]
     out += [(n.encode(), v.encode()) for n, v in mod.add]
     return out
