@@ -29,10 +29,10 @@ grpc = pytest.importorskip("grpc")
 from cli import local  # noqa: E402
 from tests.harness import HOST, metric_sum, wait_until  # noqa: E402
 from tests.test_cli_local import mesh, needs_proxy, ps, sweep  # noqa: E402
+from tests.test_routing_e2e import SVC, route as http_route  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(180), needs_proxy]
 
-SVC = 8080
 SERVICE = "mesh.Greeter"
 
 APP = """\
@@ -127,15 +127,7 @@ def no_routes_left(env: Env) -> Iterator[None]:
 
 
 def route(name: str, rules: str, annotations: str = "") -> str:
-    meta = f"{{name: {name}" + (f", annotations: {annotations}" if annotations else "") + "}"
-    return f"""\
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {meta}
-spec:
-  parentRefs: [{{group: core, kind: Service, name: g, port: {SVC}}}]
-  rules:
-{rules}"""
+    return http_route(name, rules, annotations, parent="g")
 
 
 GRPC_ROUTES = route("g-split", f"""\

@@ -17,27 +17,7 @@ from h2.errors import ErrorCodes
 from microproxy.h2ends import H2ClientConn, H2Pool, H2ServerConn
 from microproxy.h2stream import H2Exchange, Half
 from microproxy.metrics import Metrics, labels
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def set_write_buffer_limits(self, *a: Any) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
+from tests.h2_rig import FakeTransport
 
 
 class BuggyRouter:

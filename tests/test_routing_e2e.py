@@ -184,14 +184,14 @@ def clean_routes(env: Env) -> Iterator[None]:
         until(lambda: env.call().body.startswith(b"web GET"), 5, "the routes to be gone")
 
 
-def route(name: str, rules: str, annotations: str = "") -> str:
+def route(name: str, rules: str, annotations: str = "", parent: str = "web") -> str:
     meta = f"{{name: {name}" + (f", annotations: {annotations}" if annotations else "") + "}"
     return f"""\
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {meta}
 spec:
-  parentRefs: [{{group: core, kind: Service, name: web, port: {SVC}}}]
+  parentRefs: [{{group: core, kind: Service, name: {parent}, port: {SVC}}}]
   rules:
 {rules}"""
 
