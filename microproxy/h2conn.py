@@ -231,6 +231,8 @@ class H2Conn(asyncio.Protocol):
         x = half.x
         if x is not None and x.tap is not None and half is not x.down:   # response bytes, tapped
             x.resp_bytes += len(ev.data)
+        if half.kept is not None:
+            half.keep(("d", ev.data))
         peer.send_data(ev.data)
         peer.release()
         if peer.conn.dirty:
@@ -246,6 +248,7 @@ class H2Conn(asyncio.Protocol):
             if half.early is not None:
                 half.early.append(("e",))
         else:
+            half.keep(("e",))
             peer.send_end()
             if peer.conn.dirty:
                 peer.conn.flush()
@@ -263,6 +266,7 @@ class H2Conn(asyncio.Protocol):
             if half.early is not None:
                 half.early.append(("t", trailers))
         else:
+            half.keep(("t", trailers))
             peer.send_trailers(trailers)
             if peer.conn.dirty:
                 peer.conn.flush()

@@ -13,6 +13,7 @@ from h2.events import ConnectionTerminated, RequestReceived, ResponseReceived
 from h2.exceptions import ProtocolError
 
 from . import clock, grpc
+from .core import retry
 from .core.routing import modify_headers
 from .h2conn import (MAX_CONCURRENT_STREAMS, MAX_HEADERS, MAX_STREAMS_PER_CONN,
                      RAPID_RESET_MIN_STREAMS, RAPID_RESET_WINDOW, H2Conn)
@@ -155,6 +156,9 @@ class H2ClientConn(H2Conn):
         if 100 <= status < 200:
             return   # interim responses are not forwarded
         end = ev.stream_ended is not None
+        if x is not None and x.policy is not None and retry.is_retryable(x.policy, status, gs if end else None) \
+                and x.router.retry(x, status, gs if end else None):
+            return   # retried: this response is not forwarded (a failure known from its head)
         if x is not None:
             x.status = status
             x.resp_at = perf_counter()
@@ -186,6 +190,8 @@ class H2ClientConn(H2Conn):
         x = half.x
         if x is not None and not x.done:
             if x.status == 0:
+                if x.policy is not None and x.router.retry(x, None, None):
+                    return   # no response: retried like a connection error
                 x.router.fail(x, 502, f"upstream reset the stream ({code})")
                 return
             x.router.finish(x, "upstream reset")

@@ -29,17 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from time import perf_counter
 from typing import Any
 
 from h2.errors import ErrorCodes
 
-from . import clock, grpc, tls
+from . import clock, grpc, resilience, tls
+from .core import retry
 from .authz import HTTP_ALLOW, HTTP_DENY
 from .core.breaker import ADMIT
 from .core.fault import decide
 from .core.fields import render_duration
-from .core.routing import DEFAULT_NAME, split_target
+from .core.routing import split_target
 from .h2ends import H2ClientConn, H2Pool, H2ServerConn
 from .h2stream import H2Exchange, Half, clean_headers
 from .observe import TapHub
@@ -116,10 +118,12 @@ class Router2:
             return
         x.up = up
         if end:
+            down.keep(("e",))
             early = []
         down.early = None
         up.peer, down.peer = down, up
         for item in early:
+            down.keep(item)   # (a request that may be retried: kept to send again)
             if item[0] == "d":
                 up.send_data(item[1])
             elif item[0] == "t":
@@ -211,8 +215,12 @@ class Router2:
             x.admitted = None
         if x.route is not None:   # outbound: route_response_total and `mesh routes`
             self.proxy.outbound.routing.count_response(x.route, failure)
-        if x.route_key:
-            ROUTES.both.add(x.route_key, failure, latency, t)
+        if x.route_key:   # `mesh routes`: effective (the call) and actual (each attempt)
+            if x.retries:
+                ROUTES.effective.add(x.route_key, failure, latency, t)
+                ROUTES.actual.add(x.route_key, failure, latency, t)
+            else:
+                ROUTES.both.add(x.route_key, failure, latency, t)
         if x.metric_key:
             m = self.proxy.metrics
             if x.grpc:
@@ -363,12 +371,25 @@ class Outbound2(Router2):
             self.fail(x, 503, f"no endpoints for {res.authority} (fail-fast)")
 
     def send(self, x: H2Exchange, res: Any) -> None:
-        adm = res.svc.admission   # the per-service pending-request limit, as for HTTP/1
+        """Admit the stream (the per-service pending limit, as for HTTP/1), take its route's
+        retry policy, and send the first attempt."""
+        adm = res.svc.admission
         verdict = adm.request()
         if verdict is not ADMIT:
             self.fail(x, 503, verdict.reason)
             return
         x.admitted = adm
+        x.res = res
+        policy, name = resilience.policy_of(x)
+        x.route_key = ROUTES.key(res.authority, name)
+        if policy is not None:
+            res.svc.budget.deposit(clock.monotonic())
+            x.policy = policy
+            x.down.kept = []   # keep what is forwarded, to send it again
+        self.attempt(x, first=True)
+
+    def attempt(self, x: H2Exchange, first: bool = False) -> None:
+        res = x.res
         ep = res.pick()
         if ep is None:
             self.fail(x, 503, "all endpoints are failing (circuit open)")
@@ -376,30 +397,82 @@ class Outbound2(Router2):
         proxy = self.proxy
         x.lb = ep.lb
         x.endpoint = ep
-        ep.lb.begin(clock.monotonic())
+        x.tried_at = clock.monotonic()
+        ep.lb.begin(x.tried_at)
         x.metric_key = ep.metric_key
-        if not x.route_key:
-            x.route_key = ROUTES.key(res.authority, x.route.name if x.route is not None else DEFAULT_NAME)
-        proxy.metrics.request(ep.metric_key)
+        if first:
+            proxy.metrics.request(ep.metric_key)
         if ep.metric_key not in proxy.metrics.window.info:
             proxy.metrics.window.describe(
                 ep.metric_key, direction="outbound", authority=x.authority, server_id=ep.identity,
                 dst_workload=ep.labels.get("workload"), dst_namespace=ep.labels.get("namespace"),
                 dst_pod=ep.labels.get("pod"), tls=True)
-        if proxy.tap.subs:
+        if proxy.tap.subs and x.tap is None:
             self.tap(x, {"workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
                          "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"})
-        extra, drop, new_host = header_changes(x.route) if x.route is not None else ([], frozenset(), None)
-        headers = self.trace(x, CLIENT, extra, drop)
-        if new_host is not None:   # a route's Host is the :authority here
-            headers = [(b":authority", new_host) if h[0] == b":authority" else h for h in headers
-                       if h[0] != b"host"]
+        headers = x.sent_headers
+        if headers is None:   # the first attempt (a retry sends the same, trace context included)
+            extra, drop, new_host = header_changes(x.route) if x.route is not None else ([], frozenset(), None)
+            headers = self.trace(x, CLIENT, extra, drop)
+            if new_host is not None:   # a route's Host is the :authority here
+                headers = [(b":authority", new_host) if h[0] == b":authority" else h for h in headers
+                           if h[0] != b"host"]
+            if x.policy is not None:
+                x.sent_headers = headers
         pool = self.pool(ep)
         c = pool.take()
         if c is not None:
             self.open_upstream(x, c, headers)
         else:
             proxy.spawn(self._connect_then_open(x, pool, headers, ep))
+
+    # --- retries (the route's policy; core/retry.py decides, as for HTTP/1)
+    def retry(self, x: H2Exchange, status: int | None, grpc_status: int | None) -> bool:
+        """The attempt in flight failed before anything was forwarded to the caller: True
+        when it is being retried (then nothing of it may be forwarded), else False."""
+        policy = x.policy
+        if policy is None or x.done:
+            return False
+        down = x.down
+        body_len = down.kept_len if down.kept is not None and down.rx_done else None
+        now = clock.monotonic()
+        deadline = None if x.timer is None else now + (x.timer.when() - self.loop.time())
+        d = retry.decide(policy, x.res.svc.budget, retries=x.retries, status=status,
+                         grpc_status=grpc_status, body_len=body_len, now=now,
+                         rand=random.random(), deadline=deadline)
+        if d is retry.BUDGET:
+            self.proxy.metrics.inc("retry_budget_exhausted_total", x.route_key)
+        if not isinstance(d, retry.Retry):
+            if x.retries:
+                x.flag = "URX"
+            return False
+        failed = status is None or status >= 500 or grpc_status in grpc.BREAKER_CODES
+        lb, x.lb = x.lb, None
+        if lb is not None:
+            lb.end(now, None if status is None else now - x.tried_at, failed)
+        ROUTES.actual.add(x.route_key, True, (now - x.tried_at) * 1000.0, perf_counter())
+        up, x.up = x.up, None
+        down.peer = None
+        if up is not None:
+            up.peer = None
+            up.reset(ErrorCodes.CANCEL)
+            if up.conn.dirty:
+                up.conn.flush()
+        down.early = []   # what the caller still sends waits for the next attempt
+        x.status, x.resp_at, x.grpc_status = 0, 0.0, None
+        x.retries += 1
+        self.proxy.metrics.inc("route_retry_total", x.route_key)
+        x.delay = self.loop.call_later(d.after, self._resend, x)
+        return True
+
+    def _resend(self, x: H2Exchange) -> None:
+        x.delay = None
+        down = x.down
+        if x.done or down.sid not in down.conn.streams:
+            return
+        down.early = (down.kept or []) + (down.early or [])
+        down.kept, down.kept_len = [], 0   # open_upstream keeps them again as it sends them
+        self.attempt(x)
 
     async def _connect_then_open(self, x: H2Exchange, pool: H2Pool, headers: Any, ep: Any) -> None:
         try:

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_KEPT = 64 * 1024   # a request body kept for a retry (core.retry.MAX_BODY)
+
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                         b"upgrade", b"http2-settings", b"proxy-authorization",
                         b"proxy-authenticate"))
@@ -39,7 +41,8 @@ class H2Exchange:
 
     __slots__ = ("down", "up", "start", "resp_at", "status", "grpc", "grpc_status", "done",
                  "metric_key", "lb", "authority", "headers", "timer", "flag", "router", "tap",
-                 "resp_bytes", "method", "endpoint", "span", "route", "route_key", "admitted", "delay")
+                 "resp_bytes", "method", "endpoint", "span", "route", "route_key", "admitted", "delay",
+                 "policy", "retries", "res", "tried_at", "sent_headers")
 
     def __init__(self, down: "Half", headers: list[tuple[bytes, bytes]], router: Any) -> None:
         self.down = down
@@ -55,7 +58,12 @@ class H2Exchange:
         self.authority = ""
         self.headers = headers
         self.timer: Any = None        # the response deadline (grpc-timeout, a route's timeout)
-        self.delay: Any = None        # outbound: a route's fault delay in progress
+        self.delay: Any = None        # outbound: a route's fault delay, or a retry's backoff
+        self.policy: Any = None       # outbound: the route's core.retry.RetryPolicy, if any
+        self.retries = 0
+        self.res: Any = None          # outbound: the Resolution it is sent to (for retries)
+        self.tried_at = 0.0           # outbound: when the attempt in flight began (monotonic)
+        self.sent_headers: Any = None # outbound: the request headers sent upstream (for retries)
         self.flag = ""
         self.router = router
         self.tap: Any = None          # a TapHub handle when someone taps this stream
@@ -79,7 +87,7 @@ class Half:
     """One side of a stream on one connection. ``peer`` is the other side."""
 
     __slots__ = ("conn", "sid", "peer", "x", "outq", "out_end", "out_trailers", "unacked",
-                 "rx_done", "tx_done", "headers_sent", "early", "opened_at")
+                 "rx_done", "tx_done", "headers_sent", "early", "opened_at", "kept", "kept_len")
 
     def __init__(self, conn: "H2Conn", sid: int, x: H2Exchange | None) -> None:
         self.conn = conn
@@ -95,6 +103,21 @@ class Half:
         self.headers_sent = False
         self.early: list[Any] | None = None   # ("d", bytes) / ("t", trailers) / ("e",) before peer exists
         self.opened_at = clock.monotonic()
+        # a request with a retry policy: what was forwarded upstream, to send again (a copy of
+        # at most MAX_KEPT body bytes; None when not kept or over that)
+        self.kept: list[Any] | None = None
+        self.kept_len = 0
+
+    def keep(self, item: tuple[Any, ...]) -> None:
+        """Remember an item forwarded upstream (``early``'s format) for a retry."""
+        if self.kept is None:
+            return
+        if item[0] == "d":
+            self.kept_len += len(item[1])
+            if self.kept_len > MAX_KEPT:
+                self.kept = None   # too big to send again: this request is not retried
+                return
+        self.kept.append(item)
 
     # --- sending (this half's connection is the writer)
     def send_headers(self, headers: list[tuple[bytes, bytes]], end: bool = False) -> None:

@@ -17,6 +17,7 @@ from microproxy import resilience
 from tests.h2_rig import Rig, httproute, run
 
 ROUTE = {"backendRefs": [{"name": "g", "port": 8080}]}
+ROUTES_KEY = resilience.ROUTES.key("g.default:8080", "g-split")
 
 
 @pytest.fixture(autouse=True)
@@ -188,3 +189,134 @@ def test_header_changes_take_host_out_of_the_added_headers() -> None:
     extra, drop, host = header_changes(route)
     assert extra == [(b"x-a", b"1"), (b"x-b", b"2")] and host == b"other.example"
     assert drop == {b"host", b"x-a", b"x-c"}
+
+
+# --- retries (the route's policy, as for HTTP/1: core/retry.py decides)
+
+GRPC_RETRY = {"retry.linkerd.io/grpc": "unavailable", "retry.linkerd.io/limit": "2"}
+
+
+def upstream_ids(rig: Rig) -> list[int]:
+    return [e.stream_id for e in rig.upstream_requests()]
+
+
+def upstream_body(rig: Rig, sid: int) -> bytes:
+    return b"".join(e.data for e in rig.server_events
+                    if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)
+
+
+def grpc_answer(rig: Rig, sid: int, code: int, trailers_only: bool = True) -> None:
+    if trailers_only:
+        rig.server.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc"),
+                                      ("grpc-status", str(code))], end_stream=True)
+    else:
+        rig.server.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        rig.server.send_data(sid, b"\0\0\0\0\2hi")
+        rig.server.send_headers(sid, [("grpc-status", str(code))], end_stream=True)
+    rig.pump()
+
+
+def grpc_call(rig: Rig, body: bytes = b"\0\0\0\0\3abc", end: bool = True) -> None:
+    rig.request(1, end=False)
+    rig.client.send_data(1, body, end_stream=end)
+    rig.pump()
+
+
+def final_status(rig: Rig) -> bytes | None:
+    for h in reversed(answers(rig)):
+        if b"grpc-status" in h:
+            return h[b"grpc-status"]
+    return None
+
+
+def test_a_grpc_call_answered_unavailable_is_retried_with_its_body() -> None:
+    """retry.linkerd.io/grpc: unavailable. The first attempt's trailers-only UNAVAILABLE is
+    not forwarded; the call is sent again, body and all, and the caller sees only the OK."""
+    async def scenario() -> None:
+        rig = Rig([httproute([ROUTE], annotations=GRPC_RETRY)])
+        grpc_call(rig)
+        (first,) = upstream_ids(rig)
+        grpc_answer(rig, first, 14)
+        assert answers(rig) == []
+        await until(rig, lambda: len(upstream_ids(rig)) == 2)
+        second = upstream_ids(rig)[1]
+        assert upstream_body(rig, second) == upstream_body(rig, first) == b"\0\0\0\0\3abc"
+        grpc_answer(rig, second, 0, trailers_only=False)
+        assert final_status(rig) == b"0" and len(answers(rig)) == 2   # headers + trailers
+        assert rig.metrics.counters.get(("route_retry_total", ROUTES_KEY)) == 1
+        assert rig.pending() == 0 and rig.ep.lb.pending == 0
+    run(scenario)
+
+
+def test_retries_stop_at_the_limit_and_the_last_failure_is_forwarded() -> None:
+    async def scenario() -> None:
+        rig = Rig([httproute([ROUTE], annotations=GRPC_RETRY)])
+        grpc_call(rig)
+        for n in range(1, 4):
+            await until(rig, lambda: len(upstream_ids(rig)) == n)
+            grpc_answer(rig, upstream_ids(rig)[-1], 14)
+        assert final_status(rig) == b"14" and len(upstream_ids(rig)) == 3   # 1 + limit 2
+        assert rig.pending() == 0 and rig.ep.lb.pending == 0
+    run(scenario)
+
+
+def test_what_cannot_be_retried_is_forwarded() -> None:
+    """Not retried: a failure after the response began (its head was forwarded), a status
+    the policy does not list, and a call whose body the caller has not finished sending."""
+    async def scenario() -> None:
+        rig = Rig([httproute([ROUTE], annotations=GRPC_RETRY)])
+        grpc_call(rig)
+        grpc_answer(rig, upstream_ids(rig)[0], 14, trailers_only=False)
+        assert final_status(rig) == b"14" and len(upstream_ids(rig)) == 1
+
+        rig = Rig([httproute([ROUTE], annotations=GRPC_RETRY)])
+        grpc_call(rig)
+        grpc_answer(rig, upstream_ids(rig)[0], 13)   # INTERNAL: not listed
+        assert final_status(rig) == b"13" and len(upstream_ids(rig)) == 1
+
+        rig = Rig([httproute([ROUTE], annotations=GRPC_RETRY)])
+        grpc_call(rig, end=False)                    # a client stream still open
+        grpc_answer(rig, upstream_ids(rig)[0], 14)
+        assert final_status(rig) == b"14" and len(upstream_ids(rig)) == 1
+    run(scenario)
+
+
+def test_a_body_over_64_kib_is_not_kept_and_not_retried() -> None:
+    async def scenario() -> None:
+        rig = Rig([httproute([ROUTE], annotations=GRPC_RETRY)])
+        rig.request(1, end=False)
+        body = b"x" * (64 * 1024 + 1)
+        sent = 0
+        while sent < len(body):   # the caller sends as the windows allow; the backend reads
+            n = min(rig.client.local_flow_control_window(1), len(body) - sent, 16384)
+            if n:
+                rig.client.send_data(1, body[sent:sent + n], end_stream=sent + n == len(body))
+                sent += n
+            rig.pump()
+            for e in [e for e in rig.server_events if isinstance(e, h2.events.DataReceived)]:
+                rig.server.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            rig.server_events = [e for e in rig.server_events if not isinstance(e, h2.events.DataReceived)]
+            rig.pump()
+            await asyncio.sleep(0)
+        grpc_answer(rig, upstream_ids(rig)[0], 14)
+        assert final_status(rig) == b"14" and len(upstream_ids(rig)) == 1
+    run(scenario)
+
+
+def test_an_http_status_listed_by_rules_retry_and_an_upstream_reset_are_retried() -> None:
+    """Gateway API ``rules[].retry`` (codes: [503]) for a plain HTTP/2 request; and a stream
+    the backend resets before answering is retried like a connection error."""
+    async def scenario() -> None:
+        rig = Rig([httproute([{**ROUTE, "retry": {"attempts": 2, "codes": [503]}}])])
+        rig.request(1, grpc=False, path="/x")
+        rig.server.send_headers(upstream_ids(rig)[0], [(":status", "503")], end_stream=True)
+        rig.pump()
+        await until(rig, lambda: len(upstream_ids(rig)) == 2)
+        rig.server.reset_stream(upstream_ids(rig)[1], ErrorCodes.REFUSED_STREAM)
+        rig.pump()
+        await until(rig, lambda: len(upstream_ids(rig)) == 3)
+        rig.server.send_headers(upstream_ids(rig)[2], [(":status", "200")], end_stream=True)
+        rig.pump()
+        assert [a[b":status"] for a in answers(rig)] == [b"200"]
+        assert rig.pending() == 0 and rig.ep.lb.pending == 0
+    run(scenario)

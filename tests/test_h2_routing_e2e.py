@@ -11,7 +11,8 @@ Shown: a header match sends a call to ``g-v2`` with the rule's RequestHeaderModi
 ResponseHeaderModifier applied, other calls take the catch-all rule to ``g-v1``;
 ``timeouts.request`` ends a slow call with DEADLINE_EXCEEDED naming the timeout; a fault
 abort answers UNAVAILABLE without reaching an app; route metrics count the calls; a client
-with ``MESH_MAX_PENDING_REQUESTS=1`` refuses a second call while one is in flight.
+with ``MESH_MAX_PENDING_REQUESTS=1`` refuses a second call while one is in flight; with
+``retry.linkerd.io/grpc: unavailable`` a backend failing every other call looks healthy.
 """
 from __future__ import annotations
 
@@ -48,10 +49,17 @@ def who(request, context):
 def slow(request, context):
     time.sleep(3)
     return NAME.encode()
+calls = {"n": 0}
+def flaky(request, context):   # every other call: UNAVAILABLE
+    calls["n"] += 1
+    if calls["n"] % 2:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "flaky")
+    return NAME.encode() + b" " + request
 kw = {"request_deserializer": ident, "response_serializer": ident}
 handler = grpc.method_handlers_generic_handler("mesh.Greeter", {
     "Who": grpc.unary_unary_rpc_method_handler(who, **kw),
-    "Slow": grpc.unary_unary_rpc_method_handler(slow, **kw)})
+    "Slow": grpc.unary_unary_rpc_method_handler(slow, **kw),
+    "Flaky": grpc.unary_unary_rpc_method_handler(flaky, **kw)})
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
 server.add_generic_rpc_handlers((handler,))
 server.add_insecure_port(f"127.0.0.1:{os.environ['PORT']}")
@@ -201,3 +209,18 @@ def test_grpc_calls_over_the_pending_limit_fail_fast(env: Env) -> None:
         assert slow.result() == b"g"
         assert pending() == 0
         assert ch.unary_unary(f"/{SERVICE}/Who")(b"", timeout=10) == b"g -"
+
+
+def test_grpc_calls_are_retried_by_the_routes_policy(env: Env) -> None:
+    """``retry.linkerd.io/grpc: unavailable`` on the route: a backend failing every other
+    call with UNAVAILABLE looks healthy to the caller, and each call's body reaches it again
+    on the retry; the retries are counted."""
+    env.apply(route("g-split", f"""\
+  - backendRefs: [{{name: g-v1, port: {SVC}}}]
+""", annotations="{retry.linkerd.io/grpc: unavailable, retry.linkerd.io/limit: '2'}"))
+    wait_until(lambda: env.who()[0] == "g-v1 -", 10, "the route to apply")
+    with env.channel() as ch:
+        flaky = ch.unary_unary(f"/{SERVICE}/Flaky")
+        replies = [flaky(b"%d" % i, timeout=10) for i in range(20)]
+    assert replies == [b"g-v1 %d" % i for i in range(20)]
+    assert metric_sum(env.metrics(), "route_retry_total") >= 9
