@@ -107,6 +107,8 @@ class H2ServerConn(H2Conn):
     def stream_broken(self, half: Half) -> None:
         x = half.x
         if x is not None and not x.done:
+            if x.status == 0 and x.policy is not None and x.router.retry(x, None, None):
+                return   # no answer came: retried like a connection error
             x.router.fail(x, 502, "upstream connection lost")
         else:
             super().stream_broken(half)
@@ -218,6 +220,8 @@ class H2ClientConn(H2Conn):
             x = half.x
             self.streams.pop(half.sid, None)
             if x is not None and not x.done:
+                if x.status == 0 and x.policy is not None and x.router.retry(x, None, None):
+                    continue   # not answered: retried on another connection
                 x.router.fail(x, 503, "upstream connection going away")
         self.transport.close()
 

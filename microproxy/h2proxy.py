@@ -204,11 +204,12 @@ class Router2:
             TapHub.finish(x.tap, x.status, int(latency * 1000), int((perf_counter() - x.start) * 1e6),
                           x.resp_bytes, error, x.grpc_status if x.grpc else None)
         failure = grpc.failed(x.status, x.grpc_status, x.grpc) or (x.status == 0)
+        tried = x.tried_at or x.start   # the attempt's start (outbound), else the stream's
         if x.lb is not None:   # the balancer's view: latency, and failures for the breaker
             if error in CLIENT_GONE:
                 x.lb.cancel()      # the caller left: says nothing about the endpoint
             else:
-                x.lb.end(clock.monotonic(), (t - x.start) if x.resp_at else None,
+                x.lb.end(clock.monotonic(), (t - tried) if x.resp_at else None,
                          x.status >= 500 or (x.grpc and x.grpc_status in grpc.BREAKER_CODES))
         if x.admitted is not None:
             x.admitted.request_done()
@@ -218,7 +219,8 @@ class Router2:
         if x.route_key:   # `mesh routes`: effective (the call) and actual (each attempt)
             if x.retries:
                 ROUTES.effective.add(x.route_key, failure, latency, t)
-                ROUTES.actual.add(x.route_key, failure, latency, t)
+                if x.tried_at:   # an attempt ran since the last failed one
+                    ROUTES.actual.add(x.route_key, failure, (t - x.tried_at) * 1000.0, t)
             else:
                 ROUTES.both.add(x.route_key, failure, latency, t)
         if x.metric_key:
@@ -382,8 +384,8 @@ class Outbound2(Router2):
         x.res = res
         policy, name = resilience.policy_of(x)
         x.route_key = ROUTES.key(res.authority, name)
+        res.svc.budget.deposit(clock.monotonic())   # every call earns the budget (as HTTP/1)
         if policy is not None:
-            res.svc.budget.deposit(clock.monotonic())
             x.policy = policy
             x.down.kept = []   # keep what is forwarded, to send it again
         self.attempt(x, first=True)
@@ -397,8 +399,8 @@ class Outbound2(Router2):
         proxy = self.proxy
         x.lb = ep.lb
         x.endpoint = ep
-        x.tried_at = clock.monotonic()
-        ep.lb.begin(x.tried_at)
+        x.tried_at = perf_counter()
+        ep.lb.begin(clock.monotonic())
         x.metric_key = ep.metric_key
         if first:
             proxy.metrics.request(ep.metric_key)
@@ -447,10 +449,12 @@ class Outbound2(Router2):
                 x.flag = "URX"
             return False
         failed = status is None or status >= 500 or grpc_status in grpc.BREAKER_CODES
+        t = perf_counter()
         lb, x.lb = x.lb, None
         if lb is not None:
-            lb.end(now, None if status is None else now - x.tried_at, failed)
-        ROUTES.actual.add(x.route_key, True, (now - x.tried_at) * 1000.0, perf_counter())
+            lb.end(now, None if status is None else t - x.tried_at, failed)
+        ROUTES.actual.add(x.route_key, True, (t - x.tried_at) * 1000.0, t)
+        x.tried_at = 0.0
         up, x.up = x.up, None
         down.peer = None
         if up is not None:
@@ -478,6 +482,8 @@ class Outbound2(Router2):
         try:
             c = await pool.get()
         except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+            if x.policy is not None and self.retry(x, None, None):
+                return
             self.fail(x, 502, f"connect to {ep.addr[0]}:{ep.addr[1]} failed: {type(e).__name__}")
             return
         self.open_upstream(x, c, headers)

@@ -62,7 +62,8 @@ class H2Exchange:
         self.policy: Any = None       # outbound: the route's core.retry.RetryPolicy, if any
         self.retries = 0
         self.res: Any = None          # outbound: the Resolution it is sent to (for retries)
-        self.tried_at = 0.0           # outbound: when the attempt in flight began (monotonic)
+        self.tried_at = 0.0           # outbound: when the attempt in flight began (perf_counter;
+                                      # 0 between a failed attempt and the next)
         self.sent_headers: Any = None # outbound: the request headers sent upstream (for retries)
         self.flag = ""
         self.router = router
@@ -110,8 +111,9 @@ class Half:
 
     def keep(self, item: tuple[Any, ...]) -> None:
         """Remember an item forwarded upstream (``early``'s format) for a retry."""
-        if self.kept is None:
-            return
+        kept = self.kept
+        if kept is None or item[0] == "e" and kept and kept[-1][0] in "et":
+            return   # (the end is already kept: h2 reports END_STREAM with the headers and alone)
         if item[0] == "d":
             self.kept_len += len(item[1])
             if self.kept_len > MAX_KEPT:
