@@ -1,4 +1,4 @@
-"""An in-process rig for Outbound2 (microproxy/h2proxy.py): a real h2 client talks to an
+"""An in-process rig for Outbound2 (microproxy/h2outbound.py): a real h2 client talks to an
 H2ServerConn routed by a real Outbound2 with a real RouteRouter and route table; the
 upstream is a pooled H2ClientConn over a fake transport, answered by a real h2 server
 connection. Nothing touches a socket; ``pump()`` moves the bytes until all is quiet.
@@ -17,7 +17,7 @@ from microproxy import resilience
 from microproxy.core.httproute import parse_httproute
 from microproxy.core.routing import RouteTable
 from microproxy.h2ends import H2ClientConn, H2Pool, H2ServerConn
-from microproxy.h2proxy import Outbound2
+from microproxy.h2outbound import Outbound2
 from microproxy.metrics import Metrics, labels
 from microproxy.profiles import Profile
 from microproxy.routes import RouteRouter
