@@ -7,7 +7,9 @@ faults); the stream is admitted under the service's pending limit, an endpoint i
 (ALPN h2). With a retry policy, what is forwarded upstream is kept (at most 64 KiB) and a
 failure known before anything reached the caller (a trailers-only gRPC status or an HTTP
 status in the response head, or no answer at all) is retried after a backoff, within the
-retry budget (core/retry.py decides, as for HTTP/1).
+retry budget (core/retry.py decides, as for HTTP/1); ``timeouts.backendRequest`` or
+``retry.linkerd.io/timeout`` then bounds each try, and a retry carries what is left of the
+call's ``grpc-timeout``.
 """
 from __future__ import annotations
 
@@ -114,9 +116,11 @@ class Outbound2(Router2):
         if auth is None:
             self.fail(x, 500, f"route {route.name}: every backend has weight 0")
             return
-        t = route.timeouts   # no retries here: the shorter of the two bounds the response
+        t = route.timeouts
         secs, what = t.request, "timeouts.request"
-        if t.backend_request and (not secs or t.backend_request < secs):
+        if resilience.policy_of(x)[0] is None and t.backend_request and (not secs or t.backend_request < secs):
+            # no retries: the shorter of the two bounds the response (with a retry policy,
+            # backendRequest bounds each try instead: attempt() arms it)
             secs, what = t.backend_request, "timeouts.backendRequest"
         self.arm_deadline(x, secs, f"request timeout ({what} {render_duration(secs)})" if secs else "")
         self.resolve(x, auth)
@@ -182,6 +186,8 @@ class Outbound2(Router2):
             self.tap(x, {"workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
                          "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"})
         headers = x.sent_headers
+        if headers is not None and x.timer is not None:   # a retry: what is left of the deadline
+            headers = with_grpc_timeout(headers, x.timer.when() - self.loop.time())
         if headers is None:   # the first attempt (a retry sends the same, trace context included)
             extra, drop, new_host = header_changes(x.route) if x.route is not None else ([], frozenset(), None)
             headers = self.trace(x, CLIENT, extra, drop)
@@ -190,6 +196,7 @@ class Outbound2(Router2):
                            if h[0] != b"host"]
             if x.policy is not None:
                 x.sent_headers = headers
+        self._arm_try(x)
         pool = self.pool(ep)
         c = pool.take()
         if c is not None:
@@ -197,8 +204,32 @@ class Outbound2(Router2):
         else:
             proxy.spawn(self._connect_then_open(x, pool, headers, ep))
 
+    def _arm_try(self, x: H2Exchange) -> None:
+        """With a retry policy, the per-try timeout of the attempt just begun: the route's
+        ``timeouts.backendRequest`` and/or ``retry.linkerd.io/timeout``, the shorter (as HTTP/1)."""
+        policy = x.policy
+        if policy is None:
+            return
+        backend = x.route.timeouts.backend_request if x.route is not None else None
+        tries = [v for v in (backend, policy.timeout) if v]
+        if not tries:
+            return
+        secs = min(tries)
+        what = "timeouts.backendRequest" if secs == backend else "retry.linkerd.io/timeout"
+        x.try_timer = self.loop.call_later(secs, self._try_timeout, x, x.tried_at,
+                                           f"request timeout ({what} {render_duration(secs)})")
+
+    def _try_timeout(self, x: H2Exchange, tried_at: float, reason: str) -> None:
+        x.try_timer = None
+        if x.done or x.tried_at != tried_at or x.status != 0:
+            return   # another attempt by now, or this one's answer began
+        if self.retry(x, None, None, retry.TRY_TIMEOUT):
+            return
+        self.fail(x, 504, reason, grpc.DEADLINE_EXCEEDED)
+
     # --- retries (the route's policy; core/retry.py decides, as for HTTP/1)
-    def retry(self, x: H2Exchange, status: int | None, grpc_status: int | None) -> bool:
+    def retry(self, x: H2Exchange, status: int | None, grpc_status: int | None,
+              timeout: str | None = None) -> bool:
         """The attempt in flight failed before anything was forwarded to the caller: True
         when it is being retried (then nothing of it may be forwarded), else False."""
         policy = x.policy
@@ -210,13 +241,16 @@ class Outbound2(Router2):
         deadline = None if x.timer is None else now + (x.timer.when() - self.loop.time())
         d = retry.decide(policy, x.res.svc.budget, retries=x.retries, status=status,
                          grpc_status=grpc_status, body_len=body_len, now=now,
-                         rand=random.random(), deadline=deadline)
+                         rand=random.random(), deadline=deadline, timeout=timeout)
         if d is retry.BUDGET:
             self.proxy.metrics.inc("retry_budget_exhausted_total", x.route_key)
         if not isinstance(d, retry.Retry):
             if x.retries:
                 x.flag = "URX"
             return False
+        if x.try_timer is not None:
+            x.try_timer.cancel()
+            x.try_timer = None
         failed = status is None or status >= 500 or grpc_status in grpc.BREAKER_CODES
         t = perf_counter()
         lb, x.lb = x.lb, None
@@ -282,3 +316,10 @@ class Outbound2(Router2):
     def sweep(self, now: float) -> None:
         for pool in list(self.pools.values()):
             pool.sweep(now)
+
+
+def with_grpc_timeout(headers: list[tuple[bytes, bytes]], left: float) -> list[tuple[bytes, bytes]]:
+    """A retry's headers with ``grpc-timeout`` lowered to what is ``left`` of the call's
+    deadline (seconds), if the call carried one: the backend must not think it has more."""
+    value = b"%dm" % max(1, int(left * 1000))
+    return [(b"grpc-timeout", value) if h[0] == b"grpc-timeout" else h for h in headers]

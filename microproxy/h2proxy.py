@@ -26,8 +26,8 @@ authorized); the tap end event and the span carry the gRPC status.
 Outbound streams follow the service's HTTPRoutes (match, split, header modifiers, timeouts,
 faults) and its retry policy, within its admission limit: h2outbound.py.
 
-Not here (yet): mirrors and per-try timeouts for HTTP/2 streams; HTTP/2 to an HTTP/1-only
-app (no downgrade); CONNECT over HTTP/2.
+Not here (yet): mirrors for HTTP/2 streams; HTTP/2 to an HTTP/1-only app (no downgrade);
+CONNECT over HTTP/2.
 """
 from __future__ import annotations
 
@@ -198,6 +198,8 @@ class Router2:
             x.timer.cancel()
         if x.delay is not None:
             x.delay.cancel()
+        if x.try_timer is not None:
+            x.try_timer.cancel()
         t = x.resp_at or perf_counter()
         latency = (t - x.start) * 1000.0
         if x.tap is not None:

@@ -42,7 +42,7 @@ class H2Exchange:
     __slots__ = ("down", "up", "start", "resp_at", "status", "grpc", "grpc_status", "done",
                  "metric_key", "lb", "authority", "headers", "timer", "flag", "router", "tap",
                  "resp_bytes", "method", "endpoint", "span", "route", "route_key", "admitted", "delay",
-                 "policy", "retries", "res", "tried_at", "sent_headers")
+                 "policy", "retries", "res", "tried_at", "sent_headers", "try_timer")
 
     def __init__(self, down: "Half", headers: list[tuple[bytes, bytes]], router: Any) -> None:
         self.down = down
@@ -65,6 +65,7 @@ class H2Exchange:
         self.tried_at = 0.0           # outbound: when the attempt in flight began (perf_counter;
                                       # 0 between a failed attempt and the next)
         self.sent_headers: Any = None # outbound: the request headers sent upstream (for retries)
+        self.try_timer: Any = None    # outbound, with a retry policy: the per-try timeout
         self.flag = ""
         self.router = router
         self.tap: Any = None          # a TapHub handle when someone taps this stream

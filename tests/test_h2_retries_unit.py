@@ -233,3 +233,39 @@ def test_request_trailers_are_resent_in_order() -> None:
         grpc_answer(rig, sid, 0, trailers_only=False)
         assert final_status(rig) == b"0"
     run(scenario)
+
+
+def test_backend_request_is_a_per_try_timeout_with_a_retry_policy() -> None:
+    """With a retry policy, ``timeouts.backendRequest`` bounds each try (as for HTTP/1): a try
+    that has not answered in 100 ms is abandoned (its stream reset) and sent again; when the
+    tries run out the caller gets DEADLINE_EXCEEDED naming that timeout."""
+    async def scenario() -> None:
+        rules = [{**ROUTE, "timeouts": {"request": "5s", "backendRequest": "100ms"}}]
+        rig = Rig([httproute(rules, annotations=GRPC_RETRY)])
+        grpc_call(rig)
+        await until(rig, lambda: len(upstream_ids(rig)) == 2)
+        first, second = upstream_ids(rig)
+        assert any(isinstance(e, h2.events.StreamReset) and e.stream_id == first for e in rig.server_events)
+        grpc_answer(rig, second, 0, trailers_only=False)
+        assert final_status(rig) == b"0"
+
+        rig = Rig([httproute(rules, annotations={**GRPC_RETRY, "retry.linkerd.io/limit": "1"})])
+        grpc_call(rig)
+        await until(rig, lambda: final_status(rig) is not None)
+        assert len(upstream_ids(rig)) == 2 and final_status(rig) == b"4"
+        assert b"timeouts.backendRequest 100ms" in answers(rig)[-1][b"grpc-message"]
+        assert rig.pending() == 0 and rig.ep.lb.pending == 0
+    run(scenario)
+
+
+def test_a_retry_carries_what_is_left_of_the_grpc_timeout() -> None:
+    """The backend of a retried call is told the time left, not the original grpc-timeout."""
+    async def scenario() -> None:
+        rig = Rig([httproute([{**ROUTE, "retry": {"attempts": 1, "codes": [503], "backoff": "200ms"}}])])
+        rig.request(1, extra=[("grpc-timeout", "2S")])
+        rig.server.send_headers(upstream_ids(rig)[0], [(":status", "503")], end_stream=True)
+        rig.pump()
+        await until(rig, lambda: len(upstream_ids(rig)) == 2)
+        first, second = (dict(r.headers)[b"grpc-timeout"] for r in rig.upstream_requests())
+        assert first == b"2S" and second.endswith(b"m") and 1000 < int(second[:-1]) < 1850
+    run(scenario)
