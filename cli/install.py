@@ -194,7 +194,7 @@ RBAC: dict[str, list[dict[str, Any]]] = {
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [GROUP], "resources": ["authorizationpolicies"], "verbs": ["get", "list", "watch"]},
         # HTTPRoute's CRD is Gateway API's (installed separately, as for Linkerd), not ours
-        {"apiGroups": [GATEWAY_GROUP], "resources": ["httproutes"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [GATEWAY_GROUP], "resources": ["httproutes", "grpcroutes"], "verbs": ["get", "list", "watch"]},
     ],
 }
 

@@ -310,7 +310,7 @@ def get(ctx: click.Context, home_path: Path | None, kind_name: str, names: tuple
         click.echo(f"No {kind.plural} found {'in any namespace' if ns is None else f'in namespace {ns}'}.",
                    err=True)
     else:
-        routes = kind.name == "HTTPRoute"
+        routes = kind.name in ("HTTPRoute", "GRPCRoute")
         cols: tuple[Column, ...] = ROUTE_COLUMNS if routes else GET_COLUMNS
         cols = cols if ns is None else cols[1:]
         click.echo(table(cols, route_rows(items) if routes else policy_rows(items)), nl=False)

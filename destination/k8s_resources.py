@@ -23,8 +23,8 @@ streams — are exactly the local mesh's.
   and reads answered 503 until the resource kinds have been listed once (a proxy keeps
   failing closed rather than take an empty policy list for the truth).
 
-RBAC needed: get/list/watch on authorizationpolicies (policy.micromesh.io) and httproutes
-(gateway.networking.k8s.io) — cli/install.py's ClusterRole.
+RBAC needed: get/list/watch on authorizationpolicies (policy.micromesh.io), httproutes and
+grpcroutes (gateway.networking.k8s.io) — cli/install.py's ClusterRole.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mappi
 from typing import Any
 
 from microproxy import ctlhttp
+from microproxy.core.grpcroute import API_VERSIONS as GRPCROUTE_VERSIONS, KIND as GRPCROUTE
 from microproxy.core.httproute import API_VERSIONS as HTTPROUTE_VERSIONS, KIND as HTTPROUTE
 from microproxy.ctlhttp import Request, Response, Stream
 
@@ -46,12 +47,13 @@ log = logging.getLogger(__name__)
 
 # kind -> collection path (cluster-wide); the versions are the ones we validate against
 KIND_PATHS = RESOURCE_KIND_PATHS   # k8s_watch's APIClient knows them too
-API_VERSIONS = {"AuthorizationPolicy": API_VERSION, HTTPROUTE: HTTPROUTE_VERSIONS[0]}
+API_VERSIONS = {"AuthorizationPolicy": API_VERSION, HTTPROUTE: HTTPROUTE_VERSIONS[0],
+                GRPCROUTE: GRPCROUTE_VERSIONS[0]}
 assert all(f"/apis/{API_VERSIONS[k]}/" in p for k, p in KIND_PATHS.items())
 KINDS = tuple(KIND_PATHS)
 REFUSED = ("resources come from the Kubernetes API in kubernetes mode (--source kubernetes): "
            "use kubectl apply -f (or kubectl delete -f) instead")
-NOT_SYNCED = "not yet synced with the Kubernetes API (AuthorizationPolicies, HTTPRoutes)"
+NOT_SYNCED = "not yet synced with the Kubernetes API (AuthorizationPolicies, HTTPRoutes, GRPCRoutes)"
 
 
 def _ref(obj: Mapping[str, Any]) -> str:

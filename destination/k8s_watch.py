@@ -26,7 +26,7 @@ Wiring it into destination (left to whoever owns server.py / __main__.py)::
 
 RBAC needed: get/list/watch on services, pods, namespaces ("") and endpointslices
 (discovery.k8s.io); for the resources (k8s_resources.py) authorizationpolicies
-(policy.micromesh.io) and httproutes (gateway.networking.k8s.io).
+(policy.micromesh.io), httproutes and grpcroutes (gateway.networking.k8s.io).
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ KIND_PATHS = {
 RESOURCE_KIND_PATHS = {
     "AuthorizationPolicy": "/apis/policy.micromesh.io/v1alpha1/authorizationpolicies",
     "HTTPRoute": "/apis/gateway.networking.k8s.io/v1/httproutes",
+    "GRPCRoute": "/apis/gateway.networking.k8s.io/v1/grpcroutes",
 }
 LIST_PAGE = 500
 WATCH_TIMEOUT = 300 * SECONDS        # asked of the server (timeoutSeconds)

@@ -31,6 +31,7 @@ from identity import ca, store as disk
 from identity.tokens import valid_name
 from microproxy.ctlhttp import Request, Response, Stream
 
+from microproxy.core.grpcroute import KIND as GRPCROUTE, parse_grpcroute
 from microproxy.core.httproute import KIND as HTTPROUTE, parse_httproute
 from microproxy.core.routing import RouteTable
 
@@ -133,8 +134,8 @@ class ResourceAPI:
                              201 if done.result == "created" else 200)
 
     def _stamped(self, res: Resource) -> Resource:
-        """An HTTPRoute keeps the creationTimestamp of its first apply (now, when new)."""
-        if res.kind != HTTPROUTE:
+        """A route keeps the creationTimestamp of its first apply (now, when new)."""
+        if res.kind not in (HTTPROUTE, GRPCROUTE):
             return res
         old = next((b for b in self.store.list(res.kind, res.namespace)
                     if b["metadata"]["name"] == res.name), None)
@@ -208,11 +209,11 @@ class ResourceAPI:
     def profile_snapshot(self, service: str, namespace: str | None, port: int) -> dict[str, Any]:
         routes = []
         if namespace is not None:
-            for body in self.store.httproutes():
+            for body in self.store.routes():
                 try:
-                    routes.append(parse_httproute(body))
+                    routes.append(parse_grpcroute(body) if body["kind"] == GRPCROUTE else parse_httproute(body))
                 except ValueError as e:   # validated when applied; never expected
-                    log.error("skipping a stored HTTPRoute that does not parse: %s", e)
+                    log.error("skipping a stored %s that does not parse: %s", body["kind"], e)
         table = RouteTable(service, namespace or "", port, routes)
         return {"version": self.store.version,
                 "authority": f"{service}.{namespace}:{port}" if namespace else f"{service}:{port}",

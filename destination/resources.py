@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from identity.tokens import valid_name
-from microproxy.core import httproute as gateway
+from microproxy.core import grpcroute, httproute as gateway
 from microproxy.core.fields import FieldError
 from microproxy.policy import ACTIONS
 
@@ -248,13 +248,25 @@ def validate_httproute(obj: dict[str, Any]) -> dict[str, Any]:
     return route.to_json()["spec"]
 
 
+def validate_grpcroute(obj: dict[str, Any]) -> dict[str, Any]:
+    """Parse with ``core.grpcroute`` (errors name the field); the spec as given, checked."""
+    try:
+        grpcroute.parse_grpcroute(obj)
+    except FieldError as e:
+        raise ResourceError(str(e)) from None
+    return copy.deepcopy(obj["spec"])
+
+
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("AuthorizationPolicy", "authorizationpolicies",
          ("authorizationpolicy", "policy", "policies", "authz", "ap"), API_VERSION,
          validate_authorization_policy, "policy"),
     Kind(gateway.KIND, "httproutes", ("httproute", "routes", "route", "hr"), gateway.API_VERSIONS[0],
          _no_spec_check, "route", gateway.API_VERSIONS[1:], validate_httproute),
+    Kind(grpcroute.KIND, "grpcroutes", ("grpcroute", "gr"), grpcroute.API_VERSIONS[0],
+         _no_spec_check, "route", grpcroute.API_VERSIONS[1:], validate_grpcroute),
 )}
+ROUTE_KINDS = (gateway.KIND, grpcroute.KIND)
 
 
 def kind_named(text: str) -> Kind:
@@ -386,6 +398,10 @@ class Store:
     def httproutes(self) -> tuple[dict[str, Any], ...]:
         """Every stored HTTPRoute (bodies, not copies: callers only read them)."""
         return tuple(body for (kind, _, _), body in sorted(self._items.items()) if kind == gateway.KIND)
+
+    def routes(self) -> tuple[dict[str, Any], ...]:
+        """Every stored HTTPRoute and GRPCRoute (bodies, not copies: callers only read them)."""
+        return tuple(body for (kind, _, _), body in sorted(self._items.items()) if kind in ROUTE_KINDS)
 
     # --- persistence
 

@@ -224,3 +224,34 @@ def test_grpc_calls_are_retried_by_the_routes_policy(env: Env) -> None:
         replies = [flaky(b"%d" % i, timeout=10) for i in range(20)]
     assert replies == [b"g-v1 %d" % i for i in range(20)]
     assert metric_sum(env.metrics(), "route_retry_total") >= 9
+
+
+def test_a_grpcroute_routes_by_method(env: Env) -> None:
+    """A Gateway API GRPCRoute (`mesh apply`, `mesh get grpcroutes`, `mesh delete`): the
+    method match sends Who to g-v2, the catch-all rule sends the rest to g-v1."""
+    env.apply(f"""\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: g-grpc}}
+spec:
+  parentRefs: [{{group: core, kind: Service, name: g, port: {SVC}}}]
+  rules:
+  - matches: [{{method: {{service: {SERVICE}, method: Who}}}}]
+    backendRefs: [{{name: g-v2, port: {SVC}}}]
+  - backendRefs: [{{name: g-v1, port: {SVC}}}]
+""")
+    try:
+        wait_until(lambda: env.who()[0] == "g-v2 -", 10, "the GRPCRoute to apply")
+        with env.channel() as ch:   # (Flaky fails every other call on its replica)
+            flaky, got = ch.unary_unary(f"/{SERVICE}/Flaky"), []
+            for _ in range(2):
+                try:
+                    got.append(flaky(b"x", timeout=10))
+                except grpc.RpcError as e:
+                    assert e.details() == "flaky", e
+            assert got == [b"g-v1 x"]
+        listed = mesh(env.home, "get", "grpcroutes").stdout
+        assert "g-grpc" in listed and "g-v2" in listed, listed
+        assert metric_sum(env.metrics(), "route_request_total", rt_route="g-grpc") >= 2
+    finally:
+        mesh(env.home, "delete", "grpcroute", "g-grpc", "--ignore-not-found")

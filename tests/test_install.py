@@ -102,7 +102,7 @@ def test_rbac_is_exactly_what_the_control_plane_uses() -> None:
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["policy.micromesh.io"], "resources": ["authorizationpolicies"],
              "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"],
+            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"],
              "verbs": ["get", "list", "watch"]}],
     }
     for rules in roles.values():

@@ -237,7 +237,8 @@ def test_missing_crd_is_empty_and_picked_up_later(tmp_path: Any) -> None:
                     break
                 await asyncio.sleep(0.01)
             assert [b["metadata"]["name"] for b in mirror.store.httproutes()] == ["r"]
-            assert mirror.resource_versions == {"AuthorizationPolicy": "1", "HTTPRoute": "2"}
+            assert mirror.resource_versions == {"AuthorizationPolicy": "1", "HTTPRoute": "2",
+                                                "GRPCRoute": None}   # (its CRD still missing)
             assert all(d <= 30.0 for d in sleeps)   # backoff capped at k8s_watch.BACKOFF_MAX
         finally:
             task.cancel()
