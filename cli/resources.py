@@ -248,7 +248,7 @@ def _ref_text(ref: dict[str, Any], namespace: str, weight: bool = False) -> str:
 
 
 def route_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """HTTPRoutes: parents and the backends of every rule (``name:port=weight``)."""
+    """HTTPRoutes and GRPCRoutes: parents and the backends of every rule (``name:port=weight``)."""
     rows = []
     for i in items:
         ns, spec = i["metadata"]["namespace"], i["spec"]
@@ -273,7 +273,7 @@ def for_reapply(item: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@click.command(short_help="List resources: mesh get policies|routes [-n NS | -A] [-o json|yaml].")
+@click.command(short_help="List resources: mesh get policies|routes|grpcroutes [-n NS | -A] [-o json|yaml].")
 @_home_option
 @click.argument("kind_name", metavar="TYPE")
 @click.argument("names", nargs=-1, metavar="[NAME...]")
@@ -284,8 +284,8 @@ def for_reapply(item: dict[str, Any]) -> dict[str, Any]:
 @click.pass_context
 def get(ctx: click.Context, home_path: Path | None, kind_name: str, names: tuple[str, ...],
         namespace: str | None, all_namespaces: bool, output: str) -> None:
-    """List resources of a TYPE: policies (also authorizationpolicies, ap) or routes
-    (httproutes, hr)."""
+    """List resources of a TYPE: policies (also authorizationpolicies, ap), routes
+    (httproutes, hr) or grpcroutes (gr)."""
     try:
         kind = kind_named(kind_name)
     except ResourceError as e:
