@@ -14,6 +14,7 @@ from h2.exceptions import ProtocolError
 
 from . import clock, grpc
 from .core import retry
+from .core.breaker import ADMIT
 from .core.routing import modify_headers
 from .h2conn import (MAX_CONCURRENT_STREAMS, MAX_HEADERS, MAX_STREAMS_PER_CONN,
                      RAPID_RESET_MIN_STREAMS, RAPID_RESET_WINDOW, H2Conn)
@@ -125,6 +126,7 @@ class H2ClientConn(H2Conn):
         self.opened = 0
         self.goaway = False
         self.idle_since = loop.time()   # when its last stream ended (H2Pool.sweep)
+        self.on_close: Any = None       # () -> None once it is gone (per-service connection count)
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -227,7 +229,14 @@ class H2ClientConn(H2Conn):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.discard(self)
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
         super().connection_lost(exc)
+
+
+class Overflow(ConnectionError):
+    """A new connection would pass the service's connection limit."""
 
 
 class H2Pool:
@@ -245,26 +254,38 @@ class H2Pool:
                 return c
         return None
 
-    async def get(self) -> H2ClientConn:
+    async def get(self, admission: Any = None) -> H2ClientConn:
+        """A usable connection, dialled if none is. A new one counts against ``admission``
+        (the per-service connection limit of the stream that asked: ``Overflow`` over it)."""
         for _ in range(4):
             c = self.take()
             if c is not None:
                 return c
             if self.connecting is None:
-                self.connecting = asyncio.ensure_future(self._dial())
+                if admission is not None:
+                    verdict = admission.connect()
+                    if verdict is not ADMIT:
+                        raise Overflow(verdict.reason)
+                self.connecting = asyncio.ensure_future(self._dial(admission))
             await asyncio.shield(self.connecting)
         c = self.take()
         if c is None:
             raise ConnectionError("no usable HTTP/2 connection")
         return c
 
-    async def _dial(self) -> H2ClientConn:
+    async def _dial(self, admission: Any = None) -> H2ClientConn:
         try:
             c: H2ClientConn = await self._connect(self)
-            self.conns.append(c)
-            return c
+        except BaseException:
+            if admission is not None:
+                admission.connection_done()
+            raise
         finally:
             self.connecting = None
+        if admission is not None:
+            c.on_close = admission.connection_done
+        self.conns.append(c)
+        return c
 
     def discard(self, c: H2ClientConn) -> None:
         try:

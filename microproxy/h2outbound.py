@@ -27,7 +27,7 @@ from .core.breaker import ADMIT
 from .core.fault import decide
 from .core.fields import render_duration
 from .core.routing import split_target
-from .h2ends import H2ClientConn, H2Pool, H2ServerConn
+from .h2ends import H2ClientConn, H2Pool, H2ServerConn, Overflow
 from .h2proxy import HANDSHAKE_TIMEOUT, Router2, h2_client_context
 from .h2stream import H2Exchange
 from .outbound import normalize_authority
@@ -283,7 +283,10 @@ class Outbound2(Router2):
 
     async def _connect_then_open(self, x: H2Exchange, pool: H2Pool, headers: Any, ep: Any) -> None:
         try:
-            c = await pool.get()
+            c = await pool.get(x.res.svc.admission)
+        except Overflow as e:   # MESH_MAX_CONNECTIONS_PER_SERVICE
+            self.fail(x, 503, str(e))
+            return
         except (OSError, asyncio.TimeoutError, ConnectionError) as e:
             if x.policy is not None and self.retry(x, None, None):
                 return

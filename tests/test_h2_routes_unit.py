@@ -320,3 +320,31 @@ def test_an_http_status_listed_by_rules_retry_and_an_upstream_reset_are_retried(
         assert [a[b":status"] for a in answers(rig)] == [b"200"]
         assert rig.pending() == 0 and rig.ep.lb.pending == 0
     run(scenario)
+
+
+def test_new_connections_count_against_the_services_connection_limit() -> None:
+    """MESH_MAX_CONNECTIONS_PER_SERVICE holds for HTTP/2 too: a dial over the limit is
+    refused with 503 naming it; a connection that closes gives its slot back."""
+    from tests.test_h2_retries_unit import redialable
+
+    async def scenario() -> None:
+        resilience.configure(resilience.Settings({"MESH_MAX_CONNECTIONS_PER_SERVICE": "1"}))
+        rig = Rig([httproute([ROUTE])])
+        adm = rig.resolve("g.default:8080").svc.admission
+        dials = redialable(rig)
+        rig.up.goaway = True                      # the rig's own connection is not usable
+        rig.request(1, grpc=False, path="/a")
+        await until(rig, lambda: dials[0] == 1 and len(rig.upstream_requests()) == 1)
+        assert adm.connections == 1
+        first = rig.up
+        first.goaway = True                       # full (as if retired): another dial is needed
+        rig.request(3, grpc=False, path="/b")
+        await until(rig, lambda: answers(rig))
+        assert answers(rig)[0][b":status"] == b"503"
+        assert b"max connections (1) reached" in body(rig) and dials[0] == 1
+        first.connection_lost(None)               # its slot comes back
+        assert adm.connections == 0
+        rig.request(5, grpc=False, path="/c")
+        await until(rig, lambda: dials[0] == 2)
+        assert adm.connections == 1
+    run(scenario)
