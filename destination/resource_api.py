@@ -207,14 +207,20 @@ class ResourceAPI:
         return (t.name or t.host), t.namespace, t.port
 
     def profile_snapshot(self, service: str, namespace: str | None, port: int) -> dict[str, Any]:
-        routes = []
+        http, grpc = [], []
         if namespace is not None:
             for body in self.store.routes():
                 try:
-                    routes.append(parse_grpcroute(body) if body["kind"] == GRPCROUTE else parse_httproute(body))
+                    if body["kind"] == GRPCROUTE:
+                        grpc.append(parse_grpcroute(body))
+                    else:
+                        http.append(parse_httproute(body))
                 except ValueError as e:   # validated when applied; never expected
                     log.error("skipping a stored %s that does not parse: %s", body["kind"], e)
-        table = RouteTable(service, namespace or "", port, routes)
+        # GRPCRoutes and HTTPRoutes are not merged (Gateway API): when GRPCRoutes attach to
+        # the service they are its routes, as in Linkerd
+        grpc = [r for r in grpc if r.attaches_to(service, namespace or "", port)]
+        table = RouteTable(service, namespace or "", port, grpc or http)
         return {"version": self.store.version,
                 "authority": f"{service}.{namespace}:{port}" if namespace else f"{service}:{port}",
                 "service": f"{service}.{namespace}" if namespace else None, "port": port,

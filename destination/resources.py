@@ -254,7 +254,7 @@ def validate_grpcroute(obj: dict[str, Any]) -> dict[str, Any]:
         grpcroute.parse_grpcroute(obj)
     except FieldError as e:
         raise ResourceError(str(e)) from None
-    return copy.deepcopy(obj["spec"])
+    return {k: copy.deepcopy(v) for k, v in obj["spec"].items() if v is not None}   # (rules: null)
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (

@@ -265,7 +265,8 @@ class Outbound2(Router2):
             up.reset(ErrorCodes.CANCEL)
             if up.conn.dirty:
                 up.conn.flush()
-        down.early = []   # what the caller still sends waits for the next attempt
+        if down.early is None:   # what the caller still sends waits for the next attempt
+            down.early = []      # (a try that never opened keeps what it had not sent yet)
         x.status, x.resp_at, x.grpc_status = 0, 0.0, None
         x.retries += 1
         self.proxy.metrics.inc("route_retry_total", x.route_key)
@@ -282,17 +283,22 @@ class Outbound2(Router2):
         self.attempt(x)
 
     async def _connect_then_open(self, x: H2Exchange, pool: H2Pool, headers: Any, ep: Any) -> None:
+        tried = x.tried_at   # this attempt: if its try timed out meanwhile, another owns x
         try:
             c = await pool.get(x.res.svc.admission)
         except Overflow as e:   # MESH_MAX_CONNECTIONS_PER_SERVICE
-            self.fail(x, 503, str(e))
+            if x.tried_at == tried:
+                self.fail(x, 503, str(e))
             return
         except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+            if x.tried_at != tried:
+                return
             if x.policy is not None and self.retry(x, None, None):
                 return
             self.fail(x, 502, f"connect to {ep.addr[0]}:{ep.addr[1]} failed: {type(e).__name__}")
             return
-        self.open_upstream(x, c, headers)
+        if x.tried_at == tried:
+            self.open_upstream(x, c, headers)
 
     def pool(self, ep: Any) -> H2Pool:
         key = (ep.addr, ep.identity)
@@ -324,5 +330,15 @@ class Outbound2(Router2):
 def with_grpc_timeout(headers: list[tuple[bytes, bytes]], left: float) -> list[tuple[bytes, bytes]]:
     """A retry's headers with ``grpc-timeout`` lowered to what is ``left`` of the call's
     deadline (seconds), if the call carried one: the backend must not think it has more."""
-    value = b"%dm" % max(1, int(left * 1000))
+    value = grpc_timeout_value(left)
     return [(b"grpc-timeout", value) if h[0] == b"grpc-timeout" else h for h in headers]
+
+
+def grpc_timeout_value(seconds: float) -> bytes:
+    """A ``grpc-timeout`` value (at most 8 digits, gRPC's limit) of at least ``seconds``
+    rounded down to its unit, 1 ms at least."""
+    for unit, per in ((b"m", 1000.0), (b"S", 1.0), (b"M", 1 / 60), (b"H", 1 / 3600)):
+        n = int(seconds * per)
+        if n < 100_000_000:
+            return b"%d%s" % (max(1, n), unit)
+    return b"99999999H"

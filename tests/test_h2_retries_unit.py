@@ -15,7 +15,7 @@ import h2.events
 import pytest
 from h2.errors import ErrorCodes
 
-from microproxy import clock, resilience
+from microproxy import clock, grpc, resilience
 from microproxy.h2ends import H2ClientConn
 from tests.h2_rig import ADDR, FakeTransport, Rig, httproute, run
 from tests.test_h2_routes_unit import (GRPC_RETRY, ROUTE, ROUTES_KEY, answers, final_status,
@@ -268,4 +268,61 @@ def test_a_retry_carries_what_is_left_of_the_grpc_timeout() -> None:
         await until(rig, lambda: len(upstream_ids(rig)) == 2)
         first, second = (dict(r.headers)[b"grpc-timeout"] for r in rig.upstream_requests())
         assert first == b"2S" and second.endswith(b"m") and 1000 < int(second[:-1]) < 1850
+    run(scenario)
+
+
+def slow_dial(rig: Rig, delay: float) -> list[int]:
+    """No pooled connection: every attempt dials, the dial takes ``delay`` seconds."""
+    pool = rig.router.pools[(ADDR, rig.ep.identity)]
+    pool.conns.clear()
+    dials = [0]
+
+    async def connect(p: Any) -> H2ClientConn:
+        dials[0] += 1
+        await asyncio.sleep(delay)
+        c = H2ClientConn(rig.loop, p)
+        t = FakeTransport()
+        c.connection_made(t)
+        rig.up, rig.up_t = c, t
+        rig.server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        rig.server.initiate_connection()
+        rig.server_events = []
+        return c
+    pool._connect = connect
+    return dials
+
+
+def test_a_connect_that_completes_for_an_abandoned_try_is_not_used() -> None:
+    """backendRequest 100ms with a retry policy; the dial takes 150 ms, so the first try is
+    timed out while connecting and retried (the retry waits on the same dial). When the
+    connection comes up only the current attempt opens a stream (as HTTP/1 drops a late
+    connect of an abandoned attempt): one upstream request, with the body the first try
+    never sent. (Found in review: two streams, and then an empty body.)"""
+    async def scenario() -> None:
+        rules = [{**ROUTE, "timeouts": {"request": "5s", "backendRequest": "100ms"}}]
+        rig = Rig([httproute(rules, annotations=GRPC_RETRY)])
+        slow_dial(rig, 0.15)
+        grpc_call(rig)
+        await until(rig, lambda: len(upstream_ids(rig)) >= 1, timeout=1.0)
+        await asyncio.sleep(0.02)
+        rig.pump()
+        ids = upstream_ids(rig)
+        bodies = [upstream_body(rig, sid) for sid in ids]
+        assert len(ids) == 1, f"{len(ids)} upstream streams for one call, bodies {bodies}"
+        assert bodies == [b"\0\0\0\0\3abc"]
+    run(scenario)
+
+
+def test_a_retry_of_a_call_with_a_long_deadline_sends_a_valid_grpc_timeout() -> None:
+    """grpc-timeout is at most 8 digits (gRPC's HTTP/2 protocol; grpc-go rejects longer
+    values). A call with a 30-hour deadline (grpc-timeout 30H) that is retried must not
+    be sent ``108000000m`` (9 digits)."""
+    async def scenario() -> None:
+        rig = Rig([httproute([{**ROUTE, "retry": {"attempts": 1, "codes": [503], "backoff": "10ms"}}])])
+        rig.request(1, extra=[("grpc-timeout", "30H")])
+        rig.server.send_headers(upstream_ids(rig)[0], [(":status", "503")], end_stream=True)
+        rig.pump()
+        await until(rig, lambda: len(upstream_ids(rig)) == 2)
+        second = dict(rig.upstream_requests()[1].headers)[b"grpc-timeout"]
+        assert grpc.parse_timeout(second) is not None, f"retry sent grpc-timeout {second!r}"
     run(scenario)

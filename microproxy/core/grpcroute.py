@@ -71,7 +71,24 @@ def _method_match(value: Any, path: str) -> dict[str, Any]:
         return {"type": "PathPrefix", "value": f"/{service}"}
     if exact:
         return {"type": "RegularExpression", "value": f"/[^/]+/{re.escape(method or '')}"}
-    return {"type": "RegularExpression", "value": f"/{service or '[^/]+'}/{method or '[^/]+'}"}
+    value = f"/{_group(service) if service else '[^/]+'}/{_group(method) if method else '[^/]+'}"
+    if len(value) > 1024:
+        raise fail(path, "service and method together must be at most 1020 characters")
+    try:
+        re.compile(value.encode())   # (paths are matched as bytes)
+    except re.error as e:   # e.g. a flag the parts cannot carry inside the path
+        raise fail(path, f"is not a regular expression: {e}") from None
+    return {"type": "RegularExpression", "value": value}
+
+
+_FLAGS = re.compile(r"^\(\?([imsx]+)\)(.*)$", re.S)
+
+
+def _group(part: str) -> str:
+    """One part of ``/service/method`` as a group (an alternation stays inside it); leading
+    inline flags such as ``(?i)`` become the group's own: ``(?i:...)``."""
+    m = _FLAGS.match(part)
+    return f"(?{m[1]}:{m[2]})" if m else f"(?:{part})"
 
 
 def _rule(value: Any, path: str) -> dict[str, Any]:

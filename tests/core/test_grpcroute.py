@@ -80,3 +80,51 @@ def test_errors_name_the_field(rules: list[dict[str, Any]], field: str) -> None:
     with pytest.raises(FieldError) as e:
         parse_grpcroute(grpcroute(rules))
     assert field in str(e.value)
+
+
+# --- found in review (each failed before its fix)
+
+def test_a_regex_part_with_an_alternation_stays_in_its_part() -> None:
+    t = table([to("rx", method={"type": "RegularExpression", "service": r"a\.B|c\.D", "method": "Get"})])
+    assert hit(t, b"/a.B/Get") == hit(t, b"/c.D/Get") == "rx"
+    assert hit(t, b"/c.D/Other") == "[DEFAULT]"
+
+
+def test_a_case_insensitive_regex_part() -> None:
+    t = table([to("x", method={"type": "RegularExpression", "service": r"(?i)mesh\.greeter"})])
+    assert hit(t, b"/mesh.Greeter/Who") == "x" and hit(t, b"/other.Svc/Who") == "[DEFAULT]"
+
+
+def test_long_regex_parts_are_refused_naming_the_method_match() -> None:
+    with pytest.raises(FieldError) as e:
+        parse_grpcroute(grpcroute([to("x", method={"type": "RegularExpression", "service": "a" * 600,
+                                                    "method": "b" * 600})]))
+    assert str(e.value).startswith("spec.rules[0].matches[0].method: ")
+
+
+def test_a_grpcroute_with_null_rules_is_stored_and_listed() -> None:
+    from cli.resources import route_rows
+    from destination.resources import validate
+    doc = grpcroute(None)
+    doc["spec"]["rules"] = None   # YAML `rules:` left empty
+    res = validate(doc)
+    assert route_rows([{**res.body, "metadata": {**res.body["metadata"], "resourceVersion": 1}}])[0]["rules"] == 0
+
+
+def test_grpcroutes_win_over_httproutes_on_the_same_service() -> None:
+    """The two kinds are not merged (Gateway API): the service's GRPCRoutes are its routes."""
+    from destination.resource_api import ResourceAPI
+    from destination.resources import Store, validate
+    from destination.server import WatchHub
+    store = Store()
+    api = ResourceAPI(store, WatchHub(), None, "cluster.local")
+    http = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "all", "namespace": "default"},
+            "spec": {"parentRefs": [{"group": "core", "kind": "Service", "name": "greeter", "port": 7000}],
+                     "rules": [{"backendRefs": [{"name": "http-all", "port": 7000}]}]}}
+    store.apply(validate(http))
+    names = [r["metadata"]["name"] for r in api.profile_snapshot("greeter", "default", 7000)["routes"]["routes"]]
+    assert names == ["all"]
+    store.apply(validate(grpcroute([to("ping", method={"method": "Ping"})])))
+    names = [r["metadata"]["name"] for r in api.profile_snapshot("greeter", "default", 7000)["routes"]["routes"]]
+    assert names == ["greeter-split"]
