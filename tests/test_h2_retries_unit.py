@@ -110,13 +110,16 @@ def test_a_retried_get_keeps_end_stream_on_headers() -> None:
     run(scenario)
 
 
-def redialable(rig: Rig, fail_first: int = 0) -> list[int]:
-    """The rig's pool can dial a fresh upstream (a new fake transport and h2 server)."""
+def redialable(rig: Rig, fail_first: int = 0, delay: float = 0.0) -> list[int]:
+    """The rig's pool can dial a fresh upstream (a new fake transport and h2 server), each
+    dial taking ``delay`` seconds; the first ``fail_first`` dials are refused."""
     pool = rig.router.pools[(ADDR, rig.ep.identity)]
     dials = [0]
 
     async def connect(p: Any) -> H2ClientConn:
         dials[0] += 1
+        if delay:
+            await asyncio.sleep(delay)
         if dials[0] <= fail_first:
             raise ConnectionRefusedError("refused")
         c = H2ClientConn(rig.loop, p)
@@ -271,27 +274,6 @@ def test_a_retry_carries_what_is_left_of_the_grpc_timeout() -> None:
     run(scenario)
 
 
-def slow_dial(rig: Rig, delay: float) -> list[int]:
-    """No pooled connection: every attempt dials, the dial takes ``delay`` seconds."""
-    pool = rig.router.pools[(ADDR, rig.ep.identity)]
-    pool.conns.clear()
-    dials = [0]
-
-    async def connect(p: Any) -> H2ClientConn:
-        dials[0] += 1
-        await asyncio.sleep(delay)
-        c = H2ClientConn(rig.loop, p)
-        t = FakeTransport()
-        c.connection_made(t)
-        rig.up, rig.up_t = c, t
-        rig.server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
-        rig.server.initiate_connection()
-        rig.server_events = []
-        return c
-    pool._connect = connect
-    return dials
-
-
 def test_a_connect_that_completes_for_an_abandoned_try_is_not_used() -> None:
     """backendRequest 100ms with a retry policy; the dial takes 150 ms, so the first try is
     timed out while connecting and retried (the retry waits on the same dial). When the
@@ -301,7 +283,8 @@ def test_a_connect_that_completes_for_an_abandoned_try_is_not_used() -> None:
     async def scenario() -> None:
         rules = [{**ROUTE, "timeouts": {"request": "5s", "backendRequest": "100ms"}}]
         rig = Rig([httproute(rules, annotations=GRPC_RETRY)])
-        slow_dial(rig, 0.15)
+        rig.router.pools[(ADDR, rig.ep.identity)].conns.clear()   # every attempt dials ...
+        redialable(rig, delay=0.15)                                # ... for 150 ms
         grpc_call(rig)
         await until(rig, lambda: len(upstream_ids(rig)) >= 1, timeout=1.0)
         await asyncio.sleep(0.02)
