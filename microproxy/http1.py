@@ -65,7 +65,6 @@ REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found"
 
 
 FRAMING = frozenset((b"content-length", b"transfer-encoding"))
-RESP_SPECIAL = FRAMING | {b"connection"}
 
 
 class Reject(Exception):

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import re
 from collections import deque
+from http import HTTPStatus
 from collections.abc import Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -14,12 +15,28 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from .core.routing import modify_headers
-from .http1 import FRAMING, HIGH_WATER, HOP_BY_HOP, LOW_WATER, REASONS, RESP_SPECIAL, Exchange
+from .http1 import FRAMING, HIGH_WATER, HOP_BY_HOP, LOW_WATER, Exchange
 
 if TYPE_CHECKING:
     from .downstream import ServerConn
 
 log = logging.getLogger(__name__)
+
+NOT_COPIED = HOP_BY_HOP | FRAMING            # response headers not copied through as they come
+CONNECTION_KEEP = frozenset((b"close", b"keep-alive", b""))   # Connection tokens naming no header
+STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+
+
+def status_line(status: int) -> bytes:
+    return b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+def serialize(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """``[(name, value)]`` -> the flat ``[name, b": ", value, b"\\r\\n", ...]`` of a head."""
+    out: list[bytes] = []
+    for name, value in headers:
+        out += (name, b": ", value, b"\r\n")
+    return out
 
 
 class UpstreamConn(asyncio.Protocol):
@@ -37,8 +54,8 @@ class UpstreamConn(asyncio.Protocol):
         self.resp_chunked = False
         self.resp_until_close = False
         self.resp_keep_alive = True
-        self.reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._hdr: list[bytes] = []                        # the response head so far, serialized
+        self._special: list[tuple[bytes, bytes]] = []      # its framing and hop-by-hop headers
         self.idle_since = 0.0
         self.draining = False            # reading a response that is being retried (not forwarded)
         self.on_close: Any = None        # () -> None once the connection is gone (per-service count)
@@ -228,38 +245,46 @@ class UpstreamConn(asyncio.Protocol):
             self.pool.discard(self)
             self.transport.close()
 
-    # --- httptools callbacks (no on_message_begin: the head's state is taken, and reset,
-    # when the head is complete; one call less per response)
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
+    # --- httptools callbacks. No on_message_begin: the head's state is taken, and reset, when
+    # the head is complete. No on_status: the reason phrase is the status code's own (as
+    # Linkerd's proxy writes it). Each header is serialized as it arrives, except the framing
+    # and hop-by-hop ones, which on_headers_complete looks at: one pass, one call less.
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        low = name.lower()
+        if low in NOT_COPIED:
+            self._special.append((low, value))
+        else:
+            self._hdr += (low, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
-        headers, reason = self._headers, self.reason
-        self._headers, self.reason = [], b""
+        hdr, special = self._hdr, self._special
+        self._hdr = []
+        if special:
+            self._special = []
         ex, server = self.ex, self.server
         if ex is None or server is None:
             return
         parser = self.parser
         status = parser.get_status_code()
-        conn_tokens: set[bytes] | None = None
+        drop: set[bytes] | None = None
         has_len = False
         chunked = False
-        for name, value in headers:
-            if name in RESP_SPECIAL:
-                if name == b"connection":
-                    if conn_tokens is None:
-                        conn_tokens = set()
-                    if b"," in value:
-                        conn_tokens.update(t.strip().lower() for t in value.split(b","))
-                    else:
-                        conn_tokens.add(value.strip().lower())
-                elif name == b"content-length":
-                    has_len = True
-                elif name == b"transfer-encoding":
-                    chunked = True
+        length = b""
+        for name, value in special:
+            if name == b"content-length":
+                has_len = True
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"connection":
+                for t in value.split(b","):
+                    t = t.strip().lower()
+                    if t not in CONNECTION_KEEP:
+                        if drop is None:
+                            drop = set()
+                        drop.add(t)
+        if drop is not None:   # Connection names more headers to drop (RFC 9110 §7.6.1)
+            hdr = [x for i in range(0, len(hdr), 4) if hdr[i] not in drop for x in hdr[i:i + 4]]
         self.resp_keep_alive = parser.should_keep_alive()
         informational = 100 <= status < 200
         if ex.rs is not None and not informational and ex.rs.on_head(ex, status, self):
@@ -275,23 +300,15 @@ class UpstreamConn(asyncio.Protocol):
         route = ex.route
         if route is not None and route.response_headers is not None and not informational:
             # ResponseHeaderModifier; the framing headers are the upstream's, never modified
-            headers = modify_headers(route.response_headers, [h for h in headers if h[0] not in FRAMING]) \
-                + [h for h in headers if h[0] in FRAMING]
-        parts = [b"HTTP/1.1 %d " % status, reason or REASONS.get(status, b"Unknown"), b"\r\n"]
-        if conn_tokens is None:
-            for name, value in headers:
-                if name not in HOP_BY_HOP:
-                    parts += [name, b": ", value, b"\r\n"]
-        else:
-            for name, value in headers:
-                if name not in HOP_BY_HOP and name not in conn_tokens:
-                    parts += [name, b": ", value, b"\r\n"]
-        bodyless = informational or status in (204, 304) or ex.method == b"HEAD"
+            hdr = serialize(modify_headers(route.response_headers,
+                                           [(hdr[i], hdr[i + 2]) for i in range(0, len(hdr), 4)]))
+        if has_len:
+            hdr += (b"content-length: ", length, b"\r\n")
         if not informational:
             ex.status = status
             ex.resp_started = True
             ex.resp_at = perf_counter()
-            if not bodyless and not has_len:
+            if not has_len and not (status == 204 or status == 304 or ex.method == b"HEAD"):
                 if chunked:
                     # an HTTP/1.0 client cannot read chunked: de-chunk and end the body by closing
                     self.resp_chunked = ex.version == "1.1"
@@ -300,12 +317,12 @@ class UpstreamConn(asyncio.Protocol):
                     self.resp_until_close = True
                     self.resp_chunked = ex.version == "1.1"
                 if self.resp_chunked:
-                    parts.append(b"transfer-encoding: chunked\r\n")
+                    hdr.append(b"transfer-encoding: chunked\r\n")
             if not ex.keep_alive or server.closing and not server.queue or self.resp_until_close and not self.resp_chunked:
-                parts.append(b"connection: close\r\n")
+                hdr.append(b"connection: close\r\n")
                 ex.keep_alive = False
-        parts.append(b"\r\n")
-        server.send(ex, b"".join(parts))
+        hdr.append(b"\r\n")
+        server.send(ex, (STATUS_LINES.get(status) or status_line(status)) + b"".join(hdr))
         if ex.method == b"HEAD" and not informational:
             self._end(ex, server)
             # llhttp does not know this response has no body: start a fresh parser.
