@@ -39,6 +39,7 @@ class Endpoint:
     weight: int = 10000
     lb: Any = None            # its core.balance.Endpoint (EWMA, pending, breaker), kept across snapshots
     pool: Any = None          # the outbound's connection pool to it (a cache: Outbound.pool)
+    cells: Any = None         # (request_total, outbound_http_pipelined_total) cells (Outbound.send)
 
 
 class Resolution:

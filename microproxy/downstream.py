@@ -54,6 +54,7 @@ class ServerConn(asyncio.Protocol):
         self.concurrent = direction == "inbound" and tls
         self.flush_due = False
         self.write_blocked = False   # our write buffer is over its high-water mark
+        self.debug = log.isEnabledFor(logging.DEBUG)   # access-log every request (read once)
         # per-message parse state
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -281,8 +282,13 @@ class ServerConn(asyncio.Protocol):
         """Response bytes of ``ex``: written now when it is the active exchange, else kept
         until its turn (a pipelined request answered before the ones ahead of it)."""
         buf = ex.buf
-        if buf is None:
-            self.write(data)
+        if buf is None:   # (write(), inlined: this runs for every response head and body)
+            self.written += len(data)
+            out = self.out
+            if out is not None:
+                out.append(data)
+            else:
+                self.transport.write(data)
             return
         buf.append(data)
         ex.buf_len += len(data)
@@ -363,7 +369,7 @@ class ServerConn(asyncio.Protocol):
             self._record(ex, ex.flag or None)
         if ex.span is not None:
             ex.span.finish(ex, self)
-        if ex.flag or log.isEnabledFor(logging.DEBUG):
+        if ex.flag or self.debug:
             log.info("access", extra={"direction": self.direction, "authority": ex.authority,
                                       "status": ex.status, "flag": ex.flag, "client_id": self.peer_id})
         close = close or not ex.keep_alive or not ex.body_done

@@ -32,7 +32,7 @@ from .h2proxy import HANDSHAKE_TIMEOUT, Router2, h2_client_context
 from .h2stream import H2Exchange
 from .outbound import normalize_authority
 from .resilience import ROUTES
-from .routes import ROUTE_REQUESTS, backend_authority, header_changes
+from .routes import backend_authority, header_changes
 from .tracing import CLIENT
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Outbound2(Router2):
 
     def _count(self, x: H2Exchange, route: Any) -> None:
         x.route = route
-        self.proxy.metrics.inc(ROUTE_REQUESTS, self.proxy.outbound.routing.keys(x.authority, route)[1])
+        self.proxy.outbound.routing.keys(x.authority, route).requests[0] += 1
 
     def _delayed(self, x: H2Exchange, prof: Any, route: Any, abort: int) -> None:
         x.delay = None

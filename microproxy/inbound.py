@@ -33,9 +33,9 @@ class Inbound:
                 return up
             self.app_pool = Pool(proxy.loop, connect, self.retry, idle_timeout=4.0)
 
-    def per_host(self, conn: Any, host: bytes | None) -> tuple[str, str, list[tuple[bytes, bytes]]]:
-        """(metric key, authority, extra request headers) for requests to ``host`` on
-        ``conn``: computed once per connection and host."""
+    def per_host(self, conn: Any, host: bytes | None) -> tuple[str, str, list[tuple[bytes, bytes]], list[int]]:
+        """(metric key, authority, extra request headers, request_total cell) for requests
+        to ``host`` on ``conn``: computed once per connection and host."""
         auth = (host or b"").decode("latin-1")
         if conn.tls:
             key = labels(direction="inbound", authority=auth, tls="true", client_id=conn.peer_id or "")
@@ -45,7 +45,7 @@ class Inbound:
         self.proxy.metrics.window.describe(key, direction="inbound", authority=auth,
                                            client_id=conn.peer_id, tls=conn.tls)
         extra = [(b"x-mesh-client-id", conn.peer_id.encode())] if conn.peer_id else []
-        entry = conn.cache[host] = (key, auth, extra)
+        entry = conn.cache[host] = (key, auth, extra, self.proxy.metrics.request_cell(key))
         return entry
 
     def metric_key(self, conn: Any, host: bytes | None) -> str:
@@ -53,10 +53,10 @@ class Inbound:
         return (conn.cache.get(host) or self.per_host(conn, host))[0]
 
     def dispatch(self, conn: ServerConn, ex: Exchange) -> None:
-        key, ex.authority, extra = conn.cache.get(ex.host) or self.per_host(conn, ex.host)
+        key, ex.authority, extra, requests = conn.cache.get(ex.host) or self.per_host(conn, ex.host)
         ex.metric_key = key
+        requests[0] += 1
         proxy = self.proxy
-        proxy.metrics.request(key)
         if proxy.tap.subs:
             cfg = proxy.cfg
             ex.tap = proxy.tap_request(conn, ex.method, ex.authority, ex.target, {

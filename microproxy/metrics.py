@@ -4,7 +4,11 @@ Why not prometheus_client's Counter/Histogram objects on the data path: on this 
 ``labels().observe()`` per request costs 16-20 % of proxy throughput and rendering 300
 label sets with ``generate_latest`` blocks the loop for ~76 ms (see PERF-LAB.md). Here a
 request costs two dict lookups and a bisect; label sets are pre-rendered strings cached on
-the connection/endpoint, and the text exposition is rendered from them in one pass. The
+the connection/endpoint, and the text exposition is rendered from them in one pass.
+
+Counters are *cells*: one-element lists (``[value]``) in ``requests`` and ``counters``. The
+data path keeps the cells of what it counts on objects it already holds (an endpoint, a
+route, a connection's per-host cache) and adds to ``cell[0]``: no call, no key to build. The
 output follows the Prometheus text format 0.0.4 and passes ``promtool check metrics``.
 
 Families: request_total, response_total, response_latency_ms (time to response headers),
@@ -22,6 +26,7 @@ BUCKETS = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 200
            4000, 5000, 10000, 20000, 30000, 40000, 50000)
 _BUCKET_LABELS = tuple(f'le="{b}"' for b in BUCKETS) + ('le="+Inf"',)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_NB = len(BUCKETS) + 1
 
 
 def escape(value: str) -> str:
@@ -48,7 +53,7 @@ class Metrics:
 
     def __init__(self, base: str = "") -> None:
         self.base = base  # labels on every sample, e.g. namespace/workload of this proxy
-        self.requests: dict[str, int] = {}
+        self.requests: dict[str, list[int]] = {}            # cells
         self.responses: dict[tuple[str, int, str], _Response] = {}
         self.tcp_open: dict[str, int] = {}
         self.tcp_close: dict[str, int] = {}
@@ -58,11 +63,18 @@ class Metrics:
         from .observe import Window  # (observe imports BUCKETS from here)
         self.window = Window()  # per-second rolling stats for `mesh stat`
         self.gauges: dict[tuple[str, str], float] = {}
-        self.counters: dict[tuple[str, str], float] = {}
+        self.counters: dict[tuple[str, str], list[float]] = {}   # cells
 
     # --- HTTP
     def request(self, key: str) -> None:
-        self.requests[key] = self.requests.get(key, 0) + 1
+        self.request_cell(key)[0] += 1
+
+    def request_cell(self, key: str) -> list[int]:
+        """The request_total cell of ``key``, for a caller that counts on it directly."""
+        c = self.requests.get(key)
+        if c is None:
+            c = self.requests[key] = [0]
+        return c
 
     def response(self, key: str, status: int, failure: bool, latency_ms: float) -> int:
         """Count a response in the histogram; returns its latency bucket index."""
@@ -77,8 +89,26 @@ class Metrics:
         return b
 
     def record(self, key: str, status: int, failure: bool, latency_ms: float, now: float) -> None:
-        """A response for the Prometheus histogram and the ``/stats`` window (one bisect)."""
-        self.window.add(key, failure, latency_ms, now, self.response(key, status, failure, latency_ms))
+        """A response for the Prometheus histogram and the ``/stats`` window (one bisect):
+        ``response`` and ``Window.add`` in one call (this runs for every request)."""
+        k = (key, status, "failure" if failure else "success")
+        r = self.responses.get(k)
+        if r is None:
+            r = self.responses[k] = _Response()
+        b = bisect_left(BUCKETS, latency_ms)
+        r.buckets[b] += 1
+        r.count += 1
+        r.sum += latency_ms
+        w = self.window
+        sec = int(now)
+        if sec != w.cur_sec:
+            w._advance(sec)
+        row = w.cur.get(key)
+        if row is None:
+            row = w.cur[key] = [0, 0, 0, [0] * _NB]
+        row[0] += 1
+        row[2 if failure else 1] += 1
+        row[3][b] += 1
 
     def response_grpc(self, key: str, status: int, grpc_status: int | None, failure: bool,
                       latency_ms: float) -> None:
@@ -102,7 +132,19 @@ class Metrics:
         self.gauges[(name, key)] = value
 
     def inc(self, name: str, key: str = "", by: float = 1) -> None:
-        self.counters[(name, key)] = self.counters.get((name, key), 0) + by
+        self.cell(name, key)[0] += by
+
+    def cell(self, name: str, key: str = "") -> list[float]:
+        """The cell of counter ``name{key}``, for a caller that counts on it directly."""
+        c = self.counters.get((name, key))
+        if c is None:
+            c = self.counters[(name, key)] = [0]
+        return c
+
+    def counter(self, name: str, key: str = "") -> float:
+        """The value of counter ``name{key}`` (0 if never counted)."""
+        c = self.counters.get((name, key))
+        return c[0] if c is not None else 0
 
     # --- exposition
     def render(self) -> bytes:
@@ -127,7 +169,7 @@ class Metrics:
                     yield _flush(out)
 
         yield from family("request_total", "counter", "Total count of HTTP requests.",
-                          list(self.requests.items()))
+                          [(k, c[0]) for k, c in list(self.requests.items())])
         out.append("# HELP response_latency_ms Elapsed times between a request's headers being "
                    "received and its response's headers being sent.")
         out.append("# TYPE response_latency_ms histogram")
@@ -165,8 +207,8 @@ class Metrics:
         for name, rows in sorted(names.items()):
             yield from family(name, "gauge", name.replace("_", " ") + ".", rows)
         names = {}
-        for (name, key), v in self.counters.items():
-            names.setdefault(name, []).append((key, v))
+        for (name, key), c in list(self.counters.items()):
+            names.setdefault(name, []).append((key, c[0]))
         for name, rows in sorted(names.items()):
             yield from family(name, "counter", name.replace("_", " ") + ".", rows)
         yield _flush(out)

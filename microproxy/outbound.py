@@ -224,13 +224,11 @@ class Outbound:
         ex.endpoint = ep
         ex.metric_key = ep.metric_key
         proxy = self.proxy
+        cells = ep.cells
+        if cells is None:
+            cells = ep.cells = self._cells(ep, ex.authority)
         if first:
-            proxy.metrics.request(ep.metric_key)
-        if ep.metric_key not in proxy.metrics.window.info:
-            proxy.metrics.window.describe(
-                ep.metric_key, direction="outbound", authority=ex.authority, server_id=ep.identity,
-                dst_workload=ep.labels.get("workload"), dst_namespace=ep.labels.get("namespace"),
-                dst_pod=ep.labels.get("pod"), tls=ep.identity is not None)
+            cells[0][0] += 1
         if proxy.tap.subs and ex.tap is None:
             ex.tap = proxy.tap_request(conn, ex.method, ex.authority, split_target(ex.target)[1] or ex.target, {
                 "workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
@@ -240,7 +238,7 @@ class Outbound:
         if pipelinable:
             up = pool.pipeline_target()
             if up is not None:
-                proxy.metrics.inc(PIPELINED, ep.metric_key)
+                cells[1][0] += 1
                 up.pipeline(ex, conn, ex.wire_head)
                 return
         up = pool.take()
@@ -248,6 +246,17 @@ class Outbound:
             up.attach(ex, conn, ex.wire_head, pipelinable)
         else:
             self.proxy.spawn(self._connect_then_attach(conn, ex, pool))
+
+    def _cells(self, ep: Endpoint, authority: str) -> tuple[list[int], list[float]]:
+        """An endpoint's first request: its counter cells, and its row in ``mesh stat``."""
+        metrics = self.proxy.metrics
+        key = ep.metric_key
+        if key not in metrics.window.info:
+            metrics.window.describe(
+                key, direction="outbound", authority=authority, server_id=ep.identity,
+                dst_workload=ep.labels.get("workload"), dst_namespace=ep.labels.get("namespace"),
+                dst_pod=ep.labels.get("pod"), tls=ep.identity is not None)
+        return metrics.request_cell(key), metrics.cell(PIPELINED, key)
 
     async def _connect_then_attach(self, conn: ServerConn, ex: Exchange, pool: Pool) -> None:
         st = ex.rs

@@ -46,43 +46,61 @@ ROUTE_RESPONSES = "route_response_total"
 MAX_KEYS = 10000
 
 
+class RouteCounters:
+    """A route's label string (``dst``, ``rt_route``, ``rt_namespace``) and the cells of its
+    route_request_total and route_response_total{classification} counters."""
+
+    __slots__ = ("route", "base", "requests", "success", "failure")
+
+    def __init__(self, metrics: Any, authority: str, route: Route) -> None:
+        self.route = route
+        self.base = base = labels(dst=authority, rt_route=route.name, rt_namespace=route.namespace)
+        self.requests = metrics.cell(ROUTE_REQUESTS, base)
+        self.success = metrics.cell(ROUTE_RESPONSES, base + ',classification="success"')
+        self.failure = metrics.cell(ROUTE_RESPONSES, base + ',classification="failure"')
+
+
 class RouteRouter:
     def __init__(self, outbound: "Outbound") -> None:
         self.outbound = outbound
         self.proxy = outbound.proxy
-        # id(route) -> (route, request key, success key, failure key); the route is kept so
-        # its id is not reused while the entry lives
-        self._keys: dict[int, tuple[Route, str, str, str]] = {}
+        # id(route) -> its counters; the route is kept so its id is not reused while the entry lives
+        self._keys: dict[int, RouteCounters] = {}
         self.rand = random.random
+        self._ended_cb = self._ended   # bound once: ex.on_finish is set for every request
 
-    def keys(self, authority: str, route: Route) -> tuple[Route, str, str, str]:
-        """(route, request key, success key, failure key): the label strings of ``route``."""
+    def keys(self, authority: str, route: Route) -> "RouteCounters":
+        """The label string and counter cells of ``route``."""
         entry = self._keys.get(id(route))
-        if entry is None or entry[0] is not route:
+        if entry is None or entry.route is not route:
             if len(self._keys) >= MAX_KEYS:
                 self._keys.clear()
-            base = labels(dst=authority, rt_route=route.name, rt_namespace=route.namespace)
-            entry = self._keys[id(route)] = (route, base, base + ',classification="success"',
-                                              base + ',classification="failure"')
+            entry = self._keys[id(route)] = RouteCounters(self.proxy.metrics, authority, route)
         return entry
 
     def count(self, ex: Exchange, route: Route) -> None:
         """Count a request on ``route`` (route_request_total) and its response when it ends."""
-        self.proxy.metrics.inc(ROUTE_REQUESTS, self.keys(ex.authority, route)[1])
+        entry = self._keys.get(id(route))
+        if entry is None or entry.route is not route:
+            entry = self.keys(ex.authority, route)
+        entry.requests[0] += 1
         ex.route = route
-        ex.on_finish = self._ended
+        ex.on_finish = self._ended_cb
 
     def count_response(self, route: Route, failed: bool) -> None:
         entry = self._keys.get(id(route))
         if entry is not None:
-            self.proxy.metrics.inc(ROUTE_RESPONSES, entry[3] if failed else entry[2])
+            (entry.failure if failed else entry.success)[0] += 1
 
     def _ended(self, ex: Exchange) -> None:
         t = ex.timer
         if t is not None:
             ex.timer = None
             t.cancel()
-        self.count_response(ex.route, ex.status >= 500 or not ex.status)
+        entry = self._keys.get(id(ex.route))
+        if entry is not None:
+            status = ex.status
+            (entry.failure if status >= 500 or not status else entry.success)[0] += 1
 
     def default(self, conn: ServerConn, ex: Exchange, prof: Profile) -> None:
         """No HTTPRoute: the request goes to the authority itself; only counted."""

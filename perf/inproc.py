@@ -258,8 +258,8 @@ async def main(a: argparse.Namespace) -> int:
         best = secs if best is None else min(best, secs)
     assert best is not None
     cm = rig.client_proxy.metrics
-    served = sum(cm.requests.values())
-    piped = sum(v for (name, _), v in cm.counters.items() if name == "outbound_http_pipelined_total")
+    served = sum(c[0] for c in cm.requests.values())
+    piped = sum(c[0] for (name, _), c in cm.counters.items() if name == "outbound_http_pipelined_total")
     print(f"{best / a.requests * 1e6:.2f} µs per request through both proxies in-process "
           f"(best of {a.rounds} x {a.requests}, concurrency {a.concurrency}; {rig.peer_conns} peer "
           f"connections; {served} requests counted, {piped:.0f} pipelined)")

@@ -243,7 +243,7 @@ def test_a_grpc_call_answered_unavailable_is_retried_with_its_body() -> None:
         assert upstream_body(rig, second) == upstream_body(rig, first) == b"\0\0\0\0\3abc"
         grpc_answer(rig, second, 0, trailers_only=False)
         assert final_status(rig) == b"0" and len(answers(rig)) == 2   # headers + trailers
-        assert rig.metrics.counters.get(("route_retry_total", ROUTES_KEY)) == 1
+        assert rig.metrics.counter("route_retry_total", ROUTES_KEY) == 1
         assert rig.pending() == 0 and rig.ep.lb.pending == 0
     run(scenario)
 

@@ -171,7 +171,7 @@ class Rig:
         return conn
 
     def pipelined(self) -> float:
-        return self.metrics.counters.get((PIPELINED, KEY), 0)
+        return self.metrics.counter(PIPELINED, KEY)
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:

@@ -476,7 +476,7 @@ def test_queue_is_bounded_and_drops_are_counted() -> None:
     for _ in range(5):
         t.record(_span(S))
     assert len(t.queue) == 3 and t.wake.is_set()
-    assert metrics.counters[("trace_spans_dropped_total", 'reason="queue_full"')] == 2
+    assert metrics.counter("trace_spans_dropped_total", 'reason="queue_full"') == 2
 
 
 def test_flush_exports_in_batches() -> None:
@@ -486,7 +486,7 @@ def test_flush_exports_in_batches() -> None:
         t.record(_span(S))
     asyncio.run(t.flush())
     assert [len(b["resourceSpans"][0]["scopeSpans"][0]["spans"]) for b in exporter.bodies] == [2, 2, 1]
-    assert not t.queue and metrics.counters[("trace_spans_exported_total", "")] == 5
+    assert not t.queue and metrics.counter("trace_spans_exported_total") == 5
     start = exporter.spans()[0]["startTimeUnixNano"]
     assert isinstance(start, str) and int(start) > 1_600_000_000 * 10**9  # wall-clock nanoseconds
 
@@ -501,8 +501,8 @@ def test_export_failure_is_counted_not_raised(exporter: FakeExporter, caplog: py
     with caplog.at_level("INFO", logger="microproxy.tracing"):
         asyncio.run(t.flush())
         asyncio.run(t.flush())
-    assert metrics.counters[("trace_export_errors_total", "")] == 2
-    assert metrics.counters[("trace_spans_dropped_total", 'reason="export_failed"')] == 3
+    assert metrics.counter("trace_export_errors_total") == 2
+    assert metrics.counter("trace_spans_dropped_total", 'reason="export_failed"') == 3
     failures = [r for r in caplog.records if r.getMessage() == "trace export failed"]
     assert len(failures) == 1 and failures[0].levelname == "INFO"  # the same error is logged once
 
