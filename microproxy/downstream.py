@@ -366,7 +366,12 @@ class ServerConn(asyncio.Protocol):
         if ex.rs is not None:
             ex.rs.finish(ex)   # resilience: admission slot, open attempt, route stats
         if ex.metric_key:
-            self._record(ex, ex.flag or None)
+            if ex.tap is None:   # (_record, inlined: this runs for every request)
+                status = ex.status
+                t = ex.resp_at or perf_counter()
+                self.metrics.record(ex.metric_key, status, status >= 500, (t - ex.start) * 1000.0, t)
+            else:
+                self._record(ex, ex.flag or None)
         if ex.span is not None:
             ex.span.finish(ex, self)
         if ex.flag or self.debug:
@@ -392,7 +397,7 @@ class ServerConn(asyncio.Protocol):
                 return
             nxt = self.queue.popleft()
             self.active = nxt
-            if not self.queue or self.queue[-1].dispatched:
+            if self.paused and (not self.queue or self.queue[-1].dispatched):
                 self.resume("pipeline")
             if not nxt.dispatched:
                 self.router.dispatch(self, nxt)
@@ -404,7 +409,7 @@ class ServerConn(asyncio.Protocol):
                 # pause it again)
                 if self.write_blocked:
                     nxt.upstream.pause("downstream")
-                else:
+                elif nxt.upstream.paused:
                     nxt.upstream.resume("downstream")
             if buf:
                 self.write(b"".join(buf))

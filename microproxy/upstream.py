@@ -364,7 +364,8 @@ class UpstreamConn(asyncio.Protocol):
     def _end(self, ex: Exchange, server: ServerConn) -> None:
         self.ex = self.server = None
         reusable = self.resp_keep_alive and ex.body_done and not self.resp_until_close
-        self._unpause()
+        if self.paused:
+            self._unpause()
         if reusable:
             self._next()
         else:
