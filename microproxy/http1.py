@@ -53,6 +53,7 @@ _CTL = re.compile(rb"[\x00-\x1f\x7f]")
 # header names and hosts already seen valid skip their pattern (a set lookup costs a fifth)
 _OK_CACHE = 512
 _NAMES_OK: set[bytes] = set()
+_VALUES_OK: set[bytes] = set()
 _HOSTS_OK: set[bytes] = set()
 _HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]+)(:[0-9]{1,5})?\Z")
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -65,6 +66,7 @@ REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found"
 
 
 FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+CONNECTION_OPTIONS = HOP_BY_HOP | {b"close", b""}   # Connection tokens that name no other header
 
 
 class Reject(Exception):
@@ -92,8 +94,11 @@ def check_head(version: str, headers: list[tuple[bytes, bytes]]) -> tuple[int | 
                 raise Reject(400, "invalid header name")
             if len(_NAMES_OK) < _OK_CACHE:
                 _NAMES_OK.add(name)
-        if _BAD_VALUE.search(value):
-            raise Reject(400, "invalid character in header value")
+        if value not in _VALUES_OK:
+            if _BAD_VALUE.search(value):
+                raise Reject(400, "invalid character in header value")
+            if len(_VALUES_OK) < _OK_CACHE and len(value) <= 256:
+                _VALUES_OK.add(value)
         if name == b"content-length":
             for part in value.split(b","):
                 part = part.strip(b" \t")
@@ -205,19 +210,22 @@ class Exchange:
     def head(self, target: bytes, host: bytes | None, extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
              drop: frozenset[bytes] = frozenset()) -> bytes:
         """Serialize the request head for upstream: hop-by-hop headers stripped, framing kept."""
-        conn_tokens: set[bytes] = set()
-        for name, value in self.headers:
-            if name == b"connection":
-                conn_tokens.update(t.strip().lower() for t in value.split(b","))
         parts = [self.method, b" ", target, b" HTTP/1.1\r\n"]
         if host is not None:
-            parts += [b"host: ", host, b"\r\n"]
+            parts += (b"host: ", host, b"\r\n")
+        nominated = False
         for name, value in self.headers:
-            if name in HOP_BY_HOP or name == b"host" or name in drop or name in conn_tokens:
+            if name in HOP_BY_HOP or name == b"host" or name in drop:
+                if name == b"connection" and not nominated:
+                    nominated = any(t not in CONNECTION_OPTIONS and t not in drop
+                                    for t in (t.strip().lower() for t in value.split(b",")))
                 continue
-            parts += [name, b": ", value, b"\r\n"]
+            parts += (name, b": ", value, b"\r\n")
+        if nominated:   # Connection names more headers to drop (RFC 9110 §7.6.1): once more, without them
+            conn_tokens = {t.strip().lower() for n, v in self.headers if n == b"connection" for t in v.split(b",")}
+            return self.head(target, host, extra, drop | conn_tokens)
         for name, value in extra:
-            parts += [name, b": ", value, b"\r\n"]
+            parts += (name, b": ", value, b"\r\n")
         if self.chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
         parts.append(b"\r\n")

@@ -236,3 +236,117 @@ TARGETS = [
 @pytest.mark.parametrize("target,want", TARGETS, ids=[repr(t[0]) for t in TARGETS])
 def test_split_target(target: bytes, want: tuple[bytes | None, bytes]) -> None:
     assert split_target(target) == want
+
+
+# --- forwarding: what goes upstream (Exchange.head) and what comes back (UpstreamConn)
+
+def _ex(headers: list[tuple[bytes, bytes]], chunked: bool = False) -> "Exchange":
+    from microproxy.http1 import Exchange
+    return Exchange(b"GET", b"/p", "1.1", headers, b"h", True, chunked, None)
+
+
+HEADS = [
+    ("plain", [(b"host", b"h"), (b"x-a", b"1")], {}, b"host: h\r\nx-a: 1\r\n"),
+    ("hop-by-hop stripped", [(b"host", b"h"), (b"keep-alive", b"5"), (b"te", b"trailers"),
+                             (b"proxy-authorization", b"x"), (b"connection", b"keep-alive"), (b"x-a", b"1")],
+     {}, b"host: h\r\nx-a: 1\r\n"),
+    ("connection names a header before it", [(b"x-a", b"1"), (b"connection", b"close, X-A"), (b"host", b"h"),
+                                             (b"x-b", b"2")], {}, b"host: h\r\nx-b: 2\r\n"),
+    ("connection names a header after it", [(b"connection", b"x-b"), (b"x-a", b"1"), (b"x-b", b"2"),
+                                            (b"connection", b"x-c"), (b"x-c", b"3")], {}, b"host: h\r\nx-a: 1\r\n"),
+    ("extra and drop", [(b"x-mesh-client-id", b"forged"), (b"x-a", b"1")],
+     {"extra": [(b"x-mesh-client-id", b"real")], "drop": frozenset((b"x-mesh-client-id",))},
+     b"host: h\r\nx-a: 1\r\nx-mesh-client-id: real\r\n"),
+    ("chunked framing kept", [(b"transfer-encoding", b"chunked")], {"chunked": True},
+     b"host: h\r\ntransfer-encoding: chunked\r\n"),
+]
+
+
+@pytest.mark.parametrize("headers,kw,want", [h[1:] for h in HEADS], ids=[h[0] for h in HEADS])
+def test_request_head_forwarded(headers: list[tuple[bytes, bytes]], kw: dict, want: bytes) -> None:
+    ex = _ex(headers, kw.pop("chunked", False))
+    assert ex.head(b"/p", b"h", **kw) == b"GET /p HTTP/1.1\r\n" + want + b"\r\n"
+
+
+def test_header_value_checks_survive_the_cache() -> None:
+    ok = [(b"host", b"h"), (b"x-a", b"fine")]
+    for _ in range(3):
+        assert check_head("1.1", ok) == (None, False, b"h")
+    with pytest.raises(Reject):
+        check_head("1.1", [(b"host", b"h"), (b"x-a", b"fi\x00ne")])
+
+
+class _T:
+    """A transport that keeps what is written."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def write(self, d: bytes) -> None:
+        self.data += bytes(d)
+
+    def set_write_buffer_limits(self, *a: object) -> None:
+        pass
+
+    def get_extra_info(self, *a: object) -> None:
+        return None
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        pass
+
+    resume_reading = pause_reading
+
+
+def _relay(raw: bytes) -> bytes:
+    """What the proxy's client receives when the upstream answers ``raw`` to a GET."""
+    import asyncio
+
+    from microproxy.downstream import ServerConn
+    from microproxy.metrics import Metrics
+    from microproxy.upstream import Pool, UpstreamConn
+    loop = asyncio.new_event_loop()
+    try:
+        server = ServerConn(None, Metrics(), set(), loop)   # type: ignore[arg-type]
+        down = _T()
+        server.connection_made(down)
+        up = UpstreamConn(Pool(loop, None, None))
+        up.connection_made(_T())
+        ex = _ex([(b"host", b"h")])
+        server.active = ex
+        up.attach(ex, server, ex.head(b"/p", b"h"))
+        up.data_received(raw)
+        assert ex.done
+        return down.data
+    finally:
+        loop.close()
+
+
+RESPONSES = [
+    ("headers in order, lower-cased, framing kept",
+     b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 2\r\nSet-Cookie: a\r\nset-cookie: b\r\n\r\nok",
+     b"HTTP/1.1 200 OK\r\nserver: s\r\nset-cookie: a\r\nset-cookie: b\r\ncontent-length: 2\r\n\r\nok"),
+    ("hop-by-hop dropped", b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+     b"Content-Length: 0\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+    ("connection-named headers dropped", b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: X-A, x-b\r\nX-B: 2\r\n"
+     b"X-C: 3\r\nContent-Length: 0\r\n\r\n", b"HTTP/1.1 200 OK\r\nx-c: 3\r\ncontent-length: 0\r\n\r\n"),
+    ("the status code's own reason phrase", b"HTTP/1.1 404 Nope\r\nContent-Length: 0\r\n\r\n",
+     b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"),
+    ("an unknown code", b"HTTP/1.1 299 Whatever\r\nContent-Length: 0\r\n\r\n",
+     b"HTTP/1.1 299 Unknown\r\ncontent-length: 0\r\n\r\n"),
+    ("chunked stays chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("raw,want", [r[1:] for r in RESPONSES], ids=[r[0] for r in RESPONSES])
+def test_response_head_forwarded(raw: bytes, want: bytes) -> None:
+    assert _relay(raw) == want
