@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NOT_COPIED = HOP_BY_HOP | FRAMING            # response headers not copied through as they come
-CONNECTION_KEEP = frozenset((b"close", b"keep-alive", b""))   # Connection tokens naming no header
+CONNECTION_KEEP = frozenset((b"close", b"keep-alive", b"", b"Close", b"Keep-Alive"))   # tokens naming no header
 STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
@@ -201,7 +201,12 @@ class UpstreamConn(asyncio.Protocol):
         self.pipe.append((ex, server))
         ex.upstream = self
         ex.body_sent = True
-        self._queue_head(head)
+        out = self.wout   # (_queue_head, inlined)
+        if out is None:
+            self.wout = [head]
+            self.pool.loop.call_soon(self._write_heads)
+        else:
+            out.append(head)
 
     def _queue_head(self, head: bytes) -> None:
         out = self.wout
@@ -276,7 +281,7 @@ class UpstreamConn(asyncio.Protocol):
                 length = value
             elif name == b"transfer-encoding":
                 chunked = True
-            elif name == b"connection":
+            elif name == b"connection" and value not in CONNECTION_KEEP:
                 for t in value.split(b","):
                     t = t.strip().lower()
                     if t not in CONNECTION_KEEP:
@@ -359,7 +364,18 @@ class UpstreamConn(asyncio.Protocol):
             return  # an interim response; the final one follows
         if self.resp_chunked:
             server.send(ex, b"0\r\n\r\n")
-        self._end(ex, server)
+        # (_end and _next's common case, inlined: this runs for every response)
+        self.ex = self.server = None
+        if self.paused:
+            self._unpause()
+        if self.resp_keep_alive and ex.body_done and not self.resp_until_close:
+            if self.pipe:
+                self._next()
+            else:
+                self.pool.release(self)
+        else:
+            self.close()
+        server.finish(ex)
 
     def _end(self, ex: Exchange, server: ServerConn) -> None:
         self.ex = self.server = None
@@ -397,7 +413,7 @@ class UpstreamConn(asyncio.Protocol):
         if server.write_blocked and server.active is self.ex:
             self.pause("downstream")   # its client's pause_writing came while it waited its turn
         if self.corked is not None and server.out is None:
-            server.cork()
+            server.out = []   # cork it until this read is parsed
             self.corked.append(server)
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from microproxy.http1 import ERROR_HEADER, MAX_HEADERS, Reject, check_head, error_response, parse_digits
+from microproxy.http1 import ERROR_HEADER, MAX_HEADERS, Exchange, Reject, check_head, error_response, parse_digits
 from microproxy.outbound import normalize_authority, split_target
 
 H = (b"host", b"books.default:7002")
@@ -240,8 +240,7 @@ def test_split_target(target: bytes, want: tuple[bytes | None, bytes]) -> None:
 
 # --- forwarding: what goes upstream (Exchange.head) and what comes back (UpstreamConn)
 
-def _ex(headers: list[tuple[bytes, bytes]], chunked: bool = False) -> "Exchange":
-    from microproxy.http1 import Exchange
+def _ex(headers: list[tuple[bytes, bytes]], chunked: bool = False) -> Exchange:
     return Exchange(b"GET", b"/p", "1.1", headers, b"h", True, chunked, None)
 
 
