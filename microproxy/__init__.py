@@ -1,8 +1,6 @@
 """microproxy: the micromesh sidecar proxy."""
 from __future__ import annotations
 
-try:
-    from importlib.metadata import version as _version
-    __version__ = _version("micromesh")
-except Exception:  # noqa: BLE001 - not installed (running from a source tree)
-    __version__ = "0.0.0+src"
+# The package version (pyproject.toml reads it from here). Not importlib.metadata: that
+# import pulls in email, zipfile, csv and more, ~1 MB of every proxy's RSS and 30 ms of start-up.
+__version__ = "0.1.0"
