@@ -1,7 +1,8 @@
 """The in-process cost of a meshed request: the real outbound and inbound proxies' Python
 path, with no sockets, no TLS and no kernel in the way.
 
-    python -m perf.inproc [--requests 200000] [--concurrency 32] [--profile] [--calls]
+    python -m perf.inproc [--requests 100000] [--concurrency 32] [--rounds 5]
+    python -m perf.inproc --calls | --bytecodes | --profile [--sort tottime --top 40]
 
 Two real ``Proxy`` objects (a client's and an app's) are wired over fake transports:
 client connections -> the client proxy's outbound listener (``ServerConn`` + ``Outbound``)
@@ -12,11 +13,11 @@ the other side's ``data_received`` by a pump that also lets the loop run its ``c
 callbacks, so batching and HTTP/1.1 pipelining between the proxies happen as in production
 (``--concurrency`` client connections each keep one request in flight, like ``wrk -c``).
 
-It reports wall time per request for both proxies together (the Python path only: what the
+It reports the time per request for both proxies together (the Python path only: what the
 bench's "user" CPU column holds minus uvloop's and OpenSSL's share), the function calls per
-request (``--calls``), or a cProfile of the run (``--profile``). Compare runs of the same
-machine, e.g. before/after a change: ``python -m perf.inproc --compare REV`` is not provided;
-check out the other revision and run it again.
+request (``--calls``), the bytecodes executed per request by function (``--bytecodes``), or a
+cProfile of the run (``--profile``). Times are as noisy as the machine; for a before/after
+comparison that is not, count instructions with valgrind (perf/README.md shows how).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import Any
 import uvloop
 
 from microproxy.config import Config
+from microproxy.discovery import Resolution
 from microproxy.downstream import ServerConn
 from microproxy.profiles import Profile, _empty
 from microproxy.proxy import Proxy
@@ -157,7 +159,7 @@ class Rig:
         self.app_proxy = ap = Proxy(config(workload="app", service_account="app", instance="app-0",
                                            app_port=APP_PORT, register=False), loop)
         # the client proxy knows the service, its (empty) routes and its one endpoint
-        res = cp.discovery.resolutions[AUTH] = _resolution(cp, loop)
+        res = cp.discovery.resolutions[AUTH] = Resolution(AUTH, loop)
         res.apply({"version": 1, "exists": True, "authority": AUTH, "endpoints": [
             {"address": "127.0.0.2:4143", "identity": SERVER_ID,
              "labels": {"workload": "app", "namespace": "default", "pod": "app-0"}}]})
@@ -214,9 +216,18 @@ class Rig:
         return time.perf_counter() - t0
 
 
-def _resolution(proxy: Proxy, loop: asyncio.AbstractEventLoop) -> Any:
-    from microproxy.discovery import Resolution
-    return Resolution(AUTH, loop)
+    def counts(self) -> dict[str, float]:
+        """What the two proxies counted: requests out, pipelined, requests in over "mTLS"."""
+        cm, am = self.client_proxy.metrics, self.app_proxy.metrics
+        return {
+            "outbound_requests": sum(c[0] for c in cm.requests.values()),
+            "pipelined": sum(c[0] for (name, _), c in cm.counters.items()
+                             if name == "outbound_http_pipelined_total"),
+            "inbound_mtls_requests": sum(c[0] for k, c in am.requests.items()
+                                         if 'tls="true"' in k and f'client_id="{CLIENT_ID}"' in k),
+            "inbound_responses": sum(r.count for (k, _, _), r in am.responses.items()),
+            "peer_connections": self.peer_conns,
+        }
 
 
 class CallCounter:
@@ -229,6 +240,23 @@ class CallCounter:
             self.py += 1
         elif event == "c_call":
             self.c += 1
+
+
+class BytecodeCounter:
+    """A tracer counting the bytecodes each function executes."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
+        elif event == "opcode":
+            co = frame.f_code
+            k = ("/".join(co.co_filename.rsplit("/", 2)[-2:]), co.co_name)
+            self.counts[k] = self.counts.get(k, 0) + 1
+        return self
 
 
 async def main(a: argparse.Namespace) -> int:
@@ -244,6 +272,16 @@ async def main(a: argparse.Namespace) -> int:
               f"{cc.py / a.requests:.1f} Python calls and {cc.c / a.requests:.1f} C calls per request "
               f"(both proxies, plus the rig's own)")
         return 0
+    if a.bytecodes:
+        bc = BytecodeCounter()
+        sys.settrace(bc)
+        await rig.run(a.requests)
+        sys.settrace(None)
+        total = sum(bc.counts.values())
+        print(f"{total / a.requests:.0f} bytecodes per request (both proxies, plus the rig's own), by function:")
+        for (path, name), n in sorted(bc.counts.items(), key=lambda kv: -kv[1])[:a.top]:
+            print(f"{n / a.requests:8.1f}  {path}:{name}")
+        return 0
     if a.profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -257,12 +295,10 @@ async def main(a: argparse.Namespace) -> int:
         secs = await rig.run(a.requests)
         best = secs if best is None else min(best, secs)
     assert best is not None
-    cm = rig.client_proxy.metrics
-    served = sum(c[0] for c in cm.requests.values())
-    piped = sum(c[0] for (name, _), c in cm.counters.items() if name == "outbound_http_pipelined_total")
+    c = rig.counts()
     print(f"{best / a.requests * 1e6:.2f} µs per request through both proxies in-process "
-          f"(best of {a.rounds} x {a.requests}, concurrency {a.concurrency}; {rig.peer_conns} peer "
-          f"connections; {served} requests counted, {piped:.0f} pipelined)")
+          f"(best of {a.rounds} x {a.requests}, concurrency {a.concurrency}; {c['peer_connections']} peer "
+          f"connections; {c['outbound_requests']} requests counted, {c['pipelined']:.0f} pipelined)")
     return 0
 
 
@@ -273,7 +309,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one run")
     ap.add_argument("--sort", default="tottime", help="cProfile sort key (default tottime)")
-    ap.add_argument("--top", type=int, default=40, help="functions shown by --profile")
+    ap.add_argument("--top", type=int, default=40, help="functions shown by --profile and --bytecodes")
+    ap.add_argument("--bytecodes", action="store_true", help="count bytecodes per request, by function")
     ap.add_argument("--calls", action="store_true", help="count function calls per request")
     a = ap.parse_args(argv)
     if a.requests < 1 or a.concurrency < 1 or a.rounds < 1:
