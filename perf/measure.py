@@ -70,19 +70,22 @@ class _Snapshot:
     loadgen_s: float                 # CPU seconds of our finished children (wrk, fixed_rate)
     cpus: dict[int, tuple[int, int]]
     wall: float
+    irq: int = 0                     # interrupt + softirq jiffies, all CPUs
 
 
 def _snapshot(route: Route) -> _Snapshot:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return _Snapshot(_ticks(route), sum(procs.cpu_ticks(p) for p in route.app_pids),
-                     ru.ru_utime + ru.ru_stime, procs.cpu_times(), time.monotonic())
+                     ru.ru_utime + ru.ru_stime, procs.cpu_times(), time.monotonic(), procs.softirq_jiffies())
 
 
 def _account(a: _Snapshot, b: _Snapshot, requests: int) -> dict:
     """CPU between two snapshots: proxy µs/request, and utilisation of everyone involved.
 
     ``other_cpu`` is what the rest of the machine used meanwhile (busy time of all CPUs
-    minus proxies, app and load generator), in CPUs: on a shared box, the noise indicator.
+    minus proxies, app, load generator and the kernel's interrupt/softirq work), in CPUs: on
+    a shared box, the noise indicator. ``softirq_cpu`` is that kernel work (mostly TCP
+    receive processing of the run's own loopback traffic, charged to no process).
     """
     wall = max(1e-9, b.wall - a.wall)
     user_s = {label: (b.proxies[label][0] - a.proxies[label][0]) / procs.CLK_TCK for label in a.proxies}
@@ -91,6 +94,7 @@ def _account(a: _Snapshot, b: _Snapshot, requests: int) -> dict:
     app_s = (b.app - a.app) / procs.CLK_TCK
     load_s = b.loadgen_s - a.loadgen_s
     busy_s = sum(b.cpus[c][0] - a.cpus.get(c, (0, 0))[0] for c in b.cpus) / procs.CLK_TCK
+    irq_s = (b.irq - a.irq) / procs.CLK_TCK
     per_req = {label: sec * 1e6 / max(1, requests) for label, sec in proxy_s.items()}
     if per_req:
         per_req["total"] = sum(per_req.values())
@@ -102,7 +106,8 @@ def _account(a: _Snapshot, b: _Snapshot, requests: int) -> dict:
         "proxy_cpu_util": {label: round(sec / wall, 3) for label, sec in proxy_s.items()},
         "app_cpu_util": round(app_s / wall, 3),
         "loadgen_cpu_util": round(load_s / wall, 3),
-        "other_cpu": round(max(0.0, busy_s - sum(proxy_s.values()) - app_s - load_s) / wall, 3),
+        "other_cpu": round(max(0.0, busy_s - irq_s - sum(proxy_s.values()) - app_s - load_s) / wall, 3),
+        "softirq_cpu": round(irq_s / wall, 3),
         "cpu_util": {f"cpu{k}": round(v, 3) for k, v in procs.cpu_util(a.cpus, b.cpus).items()},
     }
 

@@ -41,6 +41,7 @@ def summarize(route: dict) -> dict:
         "proxy_cpu_util": runs[0].get("proxy_cpu_util", {}),
         "cpu_split_max": runs[0].get("proxy_user_kernel_us_per_req", {}),
         "other_cpu": max(r.get("other_cpu", 0.0) for r in [*runs, lat]),
+        "softirq_cpu": runs[0].get("softirq_cpu"),
     }
     return out
 
@@ -151,7 +152,9 @@ def render(res: dict) -> str:
         f"for {dur:g} s. Proxy CPU = utime+stime from /proc/PID/stat over the run / requests served "
         f"(outbound + inbound; for nginx its worker process); RSS = VmRSS sampled every 0.25 s (idle: before "
         f"the route's first load; peak: max during its runs). CPU util: each CPU, each proxy, and the "
-        f"CPU used by other work on the machine (all busy time minus proxies, app and load generator).",
+        f"CPU used by other work on the machine (all busy time minus proxies, app, load generator and "
+        f"softirq); softirq: the kernel's interrupt/softirq time, mostly the run's own loopback TCP "
+        f"receive work, which is charged to no process (so not to the proxy CPU columns either).",
         "",
         "| path | max rps | p50 @2k (µs) | p90 | p99 | p99.9 | proxy CPU µs/req @max | proxy CPU µs/req @2k "
         "| proxy RSS idle (MB) | proxy RSS peak (MB) | CPU util @max |",
@@ -166,6 +169,8 @@ def render(res: dict) -> str:
         r = res["summary"][key]
         labels = r["proxy_labels"]
         util = ", ".join(f"{k} {val:.0%}" for k, val in {**r["cpu_util"], **r["proxy_cpu_util"]}.items())
+        if r.get("softirq_cpu") is not None:
+            util += f"; softirq {r['softirq_cpu']:.0%}"
         util += f"; other work ≤ {r['other_cpu']:.0%}"
         rps = _f(r["rps"])
         if len(r["rps_runs"]) > 1:
