@@ -226,12 +226,8 @@ class Router2:
             else:
                 ROUTES.both.add(x.route_key, failure, latency, t)
         if x.metric_key:
-            m = self.proxy.metrics
-            if x.grpc:
-                m.response_grpc(x.metric_key, x.status, x.grpc_status, failure, latency)
-            else:
-                m.response(x.metric_key, x.status, failure, latency)
-            m.window.add(x.metric_key, failure, latency, t)
+            self.proxy.metrics.record(x.metric_key, x.status, failure, latency, t,
+                                      x.grpc_status if x.grpc else False)
         if x.flag or log.isEnabledFor(logging.DEBUG):
             log.info("access", extra={"direction": self.direction, "authority": x.authority,
                                       "status": x.status, "grpc_status": x.grpc_status,

@@ -76,22 +76,17 @@ class Metrics:
             c = self.requests[key] = [0]
         return c
 
-    def response(self, key: str, status: int, failure: bool, latency_ms: float) -> int:
-        """Count a response in the histogram; returns its latency bucket index."""
-        k = (key, status, "failure" if failure else "success")
-        r = self.responses.get(k)
-        if r is None:
-            r = self.responses[k] = _Response()
-        b = bisect_left(BUCKETS, latency_ms)
-        r.buckets[b] += 1
-        r.count += 1
-        r.sum += latency_ms
-        return b
-
-    def record(self, key: str, status: int, failure: bool, latency_ms: float, now: float) -> None:
-        """A response for the Prometheus histogram and the ``/stats`` window (one bisect):
-        ``response`` and ``Window.add`` in one call (this runs for every request)."""
-        k = (key, status, "failure" if failure else "success")
+    def record(self, key: str, status: int, failure: bool, latency_ms: float, now: float,
+               grpc_status: int | None | bool = False) -> None:
+        """A response for the Prometheus histogram (response_total, response_latency_ms) and
+        the ``/stats`` window, with one bisect; ``Window.add`` is inlined (this runs for every
+        request). A gRPC response passes its ``grpc_status`` (None when missing), a label of
+        its histogram series (not of its window row)."""
+        if grpc_status is not False:
+            gs = f'grpc_status="{"" if grpc_status is None else grpc_status}"'
+            k = (f"{key},{gs}" if key else gs, status, "failure" if failure else "success")
+        else:
+            k = (key, status, "failure" if failure else "success")
         r = self.responses.get(k)
         if r is None:
             r = self.responses[k] = _Response()
@@ -109,12 +104,6 @@ class Metrics:
         row[0] += 1
         row[2 if failure else 1] += 1
         row[3][b] += 1
-
-    def response_grpc(self, key: str, status: int, grpc_status: int | None, failure: bool,
-                      latency_ms: float) -> None:
-        """A gRPC response: its ``grpc_status`` (empty when missing) is a label too."""
-        gs = f'grpc_status="{"" if grpc_status is None else grpc_status}"'
-        self.response(f"{key},{gs}" if key else gs, status, failure, latency_ms)
 
     # --- TCP (per accepted connection, keyed by its label string)
     def tcp_opened(self, key: str) -> None:
