@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from . import resilience
+from .core.breaker import Reject
 from .discovery import Endpoint, Resolution
 from .downstream import OK_CONNECT, ServerConn, TunnelPeer
 from .http1 import Exchange, error_response
 from .profiles import Profile
+from .resilience import admit
 from .routes import RouteRouter
 from .tracing import CLIENT
 from .upstream import Pipelining, Pool, UpstreamConn
@@ -219,8 +222,8 @@ class Outbound:
         st = ex.rs
         first = st is None
         if first:
-            st = resilience.admit(self, conn, ex, res)
-            if isinstance(st, resilience.breaker.Reject):
+            st = admit(self, conn, ex, res)
+            if isinstance(st, Reject):
                 conn.respond_error(ex, 503, st.reason, st.flag)
                 return
             ex.rs = st
@@ -228,7 +231,7 @@ class Outbound:
         if ep is None:   # every endpoint's breaker is open
             conn.respond_error(ex, 503, resilience.CIRCUIT_OPEN, "UO")
             return
-        st.begin(ep.lb, resilience.monotonic())
+        st.begin(ep.lb, monotonic())
         if st.policy is not None:
             st.arm(ex)   # the per-try timeout, when the route has one
         ex.endpoint = ep

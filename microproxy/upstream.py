@@ -335,15 +335,17 @@ class UpstreamConn(asyncio.Protocol):
 
     def on_body(self, data: bytes) -> None:
         server = self.server
-        if server is None:
-            return
         ex = self.ex
-        if ex is not None and ex.tap is not None:
-            ex.resp_bytes += len(data)
-        if ex is None:
+        if server is None or ex is None:
             return
+        if ex.tap is not None:
+            ex.resp_bytes += len(data)
         if self.resp_chunked:
-            server.send(ex, b"%x\r\n%b\r\n" % (len(data), data))
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        out = server.out
+        if out is not None and ex.buf is None:   # (server.send, inlined: corked, its turn)
+            server.written += len(data)
+            out.append(data)
         else:
             server.send(ex, data)
 
