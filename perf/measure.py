@@ -14,6 +14,7 @@ RSS is sampled every 0.25 s during 4 and 5; the peak is the max over both.
 """
 from __future__ import annotations
 
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -71,21 +72,29 @@ class _Snapshot:
     cpus: dict[int, tuple[int, int]]
     wall: float
     irq: int = 0                     # interrupt + softirq jiffies, all CPUs
+    steal: int = 0                   # steal jiffies, all CPUs
+    everyone: dict[int, int] | None = None   # utime + stime of every live process
+    ours: frozenset[int] = frozenset()       # proxies, app and this process
 
 
 def _snapshot(route: Route) -> _Snapshot:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    irq, steal = procs.softirq_steal_jiffies()
     return _Snapshot(_ticks(route), sum(procs.cpu_ticks(p) for p in route.app_pids),
-                     ru.ru_utime + ru.ru_stime, procs.cpu_times(), time.monotonic(), procs.softirq_jiffies())
+                     ru.ru_utime + ru.ru_stime, procs.cpu_times(), time.monotonic(), irq, steal,
+                     procs.all_cpu_ticks(),
+                     frozenset({p for pids in route.proxies.values() for p in pids}
+                               | set(route.app_pids) | {os.getpid()}))
 
 
 def _account(a: _Snapshot, b: _Snapshot, requests: int) -> dict:
     """CPU between two snapshots: proxy µs/request, and utilisation of everyone involved.
 
-    ``other_cpu`` is what the rest of the machine used meanwhile (busy time of all CPUs
-    minus proxies, app, load generator and the kernel's interrupt/softirq work), in CPUs: on
-    a shared box, the noise indicator. ``softirq_cpu`` is that kernel work (mostly TCP
-    receive processing of the run's own loopback traffic, charged to no process).
+    ``other_cpu`` is what the rest of the machine used meanwhile, in CPUs: the CPU time of
+    every other process alive at both ends of the run, plus steal time (other guests of the
+    hypervisor); on a shared box, the noise indicator. (Not "all busy time minus ours": that
+    also counts softirq work that interrupted an idle CPU, e.g. our own loopback traffic at a
+    low fixed rate.) ``softirq_cpu`` is the interrupt + softirq time of all CPUs.
     """
     wall = max(1e-9, b.wall - a.wall)
     user_s = {label: (b.proxies[label][0] - a.proxies[label][0]) / procs.CLK_TCK for label in a.proxies}
@@ -93,8 +102,11 @@ def _account(a: _Snapshot, b: _Snapshot, requests: int) -> dict:
     proxy_s = {label: user_s[label] + kern_s[label] for label in a.proxies}
     app_s = (b.app - a.app) / procs.CLK_TCK
     load_s = b.loadgen_s - a.loadgen_s
-    busy_s = sum(b.cpus[c][0] - a.cpus.get(c, (0, 0))[0] for c in b.cpus) / procs.CLK_TCK
     irq_s = (b.irq - a.irq) / procs.CLK_TCK
+    ours = a.ours
+    before, after = a.everyone or {}, b.everyone or {}
+    others_s = sum(t - before[p] for p, t in after.items() if p in before and p not in ours) / procs.CLK_TCK
+    steal_s = (b.steal - a.steal) / procs.CLK_TCK
     per_req = {label: sec * 1e6 / max(1, requests) for label, sec in proxy_s.items()}
     if per_req:
         per_req["total"] = sum(per_req.values())
@@ -106,7 +118,7 @@ def _account(a: _Snapshot, b: _Snapshot, requests: int) -> dict:
         "proxy_cpu_util": {label: round(sec / wall, 3) for label, sec in proxy_s.items()},
         "app_cpu_util": round(app_s / wall, 3),
         "loadgen_cpu_util": round(load_s / wall, 3),
-        "other_cpu": round(max(0.0, busy_s - irq_s - sum(proxy_s.values()) - app_s - load_s) / wall, 3),
+        "other_cpu": round(max(0.0, others_s + steal_s) / wall, 3),
         "softirq_cpu": round(irq_s / wall, 3),
         "cpu_util": {f"cpu{k}": round(v, 3) for k, v in procs.cpu_util(a.cpus, b.cpus).items()},
     }

@@ -100,14 +100,26 @@ def cpu_times() -> dict[int, tuple[int, int]]:
     return out
 
 
-def softirq_jiffies() -> int:
-    """The kernel's interrupt and softirq time over all CPUs (/proc/stat), in jiffies: on
-    loopback much of TCP's receive work runs there, charged to no process."""
+def softirq_steal_jiffies() -> tuple[int, int]:
+    """(interrupt + softirq, steal) time over all CPUs from /proc/stat, in jiffies. On
+    loopback much of TCP's receive work runs in softirq; with tick-based accounting a softirq
+    tick is also charged to the process it interrupted (so it is in the proxies' kernel time
+    at saturation), and one that interrupted an idle CPU to no process. Steal: time the
+    hypervisor gave to other guests."""
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith("cpu "):
             nums = [int(v) for v in line.split()[1:]]
-            return nums[5] + nums[6]
-    return 0
+            return nums[5] + nums[6], nums[7]
+    return 0, 0
+
+
+def all_cpu_ticks() -> dict[int, int]:
+    """utime + stime of every live process, in clock ticks."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            out[int(entry)] = cpu_ticks(int(entry))
+    return out
 
 
 def cpu_util(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[int, float]:

@@ -152,9 +152,10 @@ def render(res: dict) -> str:
         f"for {dur:g} s. Proxy CPU = utime+stime from /proc/PID/stat over the run / requests served "
         f"(outbound + inbound; for nginx its worker process); RSS = VmRSS sampled every 0.25 s (idle: before "
         f"the route's first load; peak: max during its runs). CPU util: each CPU, each proxy, and the "
-        f"CPU used by other work on the machine (all busy time minus proxies, app, load generator and "
-        f"softirq); softirq: the kernel's interrupt/softirq time, mostly the run's own loopback TCP "
-        f"receive work, which is charged to no process (so not to the proxy CPU columns either).",
+        f"CPU used by other work on the machine (the CPU time of every other process, plus steal); "
+        f"softirq: the kernel's interrupt/softirq time, mostly the run's own loopback TCP receive work "
+        f"(with tick-based accounting, charged to the process it interrupted: at saturation it is in "
+        f"the proxies' kernel time).",
         "",
         "| path | max rps | p50 @2k (µs) | p90 | p99 | p99.9 | proxy CPU µs/req @max | proxy CPU µs/req @2k "
         "| proxy RSS idle (MB) | proxy RSS peak (MB) | CPU util @max |",
