@@ -206,6 +206,8 @@ class ServerConn(asyncio.Protocol):
             raise Reject(431, "request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return   # a chunked body's trailer fields: not forwarded (the body ends with 0\r\n\r\n)
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
             raise Reject(431, "request head too large")

@@ -66,7 +66,10 @@ REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found"
 
 
 FRAMING = frozenset((b"content-length", b"transfer-encoding"))
-CONNECTION_OPTIONS = HOP_BY_HOP | {b"close", b""}   # Connection tokens that name no other header
+# Connection tokens that name no header to drop: hop-by-hop ones (dropped anyway), and the
+# framing and Host, which the proxy writes itself (dropping Content-Length would let the body
+# be read as the next request)
+CONNECTION_OPTIONS = HOP_BY_HOP | FRAMING | {b"host", b"close", b""}
 
 
 class Reject(Exception):
@@ -223,7 +226,7 @@ class Exchange:
             parts += (name, b": ", value, b"\r\n")
         if nominated:   # Connection names more headers to drop (RFC 9110 §7.6.1): once more, without them
             conn_tokens = {t.strip().lower() for n, v in self.headers if n == b"connection" for t in v.split(b",")}
-            return self.head(target, host, extra, drop | conn_tokens)
+            return self.head(target, host, extra, drop | (conn_tokens - CONNECTION_OPTIONS))
         for name, value in extra:
             parts += (name, b": ", value, b"\r\n")
         if self.chunked:

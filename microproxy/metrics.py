@@ -158,7 +158,7 @@ class Metrics:
                     yield _flush(out)
 
         yield from family("request_total", "counter", "Total count of HTTP requests.",
-                          [(k, c[0]) for k, c in list(self.requests.items())])
+                          [(k, c[0]) for k, c in list(self.requests.items()) if c[0]])
         out.append("# HELP response_latency_ms Elapsed times between a request's headers being "
                    "received and its response's headers being sent.")
         out.append("# TYPE response_latency_ms histogram")
@@ -197,7 +197,8 @@ class Metrics:
             yield from family(name, "gauge", name.replace("_", " ") + ".", rows)
         names = {}
         for (name, key), c in list(self.counters.items()):
-            names.setdefault(name, []).append((key, c[0]))
+            if c[0]:   # a cell made ahead of its first count is not a series yet
+                names.setdefault(name, []).append((key, c[0]))
         for name, rows in sorted(names.items()):
             yield from family(name, "counter", name.replace("_", " ") + ".", rows)
         yield _flush(out)

@@ -304,9 +304,12 @@ class UpstreamConn(asyncio.Protocol):
             return
         route = ex.route
         if route is not None and route.response_headers is not None and not informational:
-            # ResponseHeaderModifier; the framing headers are the upstream's, never modified
-            hdr = serialize(modify_headers(route.response_headers,
-                                           [(hdr[i], hdr[i + 2]) for i in range(0, len(hdr), 4)]))
+            # ResponseHeaderModifier. The framing is the upstream's and hop-by-hop headers are
+            # never forwarded, whatever the route sets or adds (nor those Connection named).
+            modified = modify_headers(route.response_headers,
+                                      [(hdr[i], hdr[i + 2]) for i in range(0, len(hdr), 4)])
+            hdr = serialize([(name.lower(), value) for name, value in modified
+                             if name.lower() not in NOT_COPIED and (drop is None or name.lower() not in drop)])
         if has_len:
             hdr += (b"content-length: ", length, b"\r\n")
         if not informational:
@@ -350,6 +353,8 @@ class UpstreamConn(asyncio.Protocol):
             server.send(ex, data)
 
     def on_message_complete(self) -> None:
+        if self._hdr or self._special:   # trailer fields (on_header after the head): dropped,
+            self._hdr, self._special = [], []   # never the next response's headers
         ex, server = self.ex, self.server
         if ex is None or server is None:
             if self.draining and not 100 <= self.parser.get_status_code() < 200:
