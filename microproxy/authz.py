@@ -72,7 +72,6 @@ class Authorizer:
         self.policies: list[dict[str, Any]] = []
         self.connected = False
         self.first = asyncio.Event()
-        self._allowed: dict[str, list[float]] = {}   # decision label string -> allow counter cell
 
     @property
     def known(self) -> bool:
@@ -138,16 +137,12 @@ class Authorizer:
 
     def allow_http(self, conn: ServerConn, ex: Exchange) -> bool:
         """True: go on to the app. False: the request was answered (denied)."""
-        c = self.compiled   # (decide(), inlined: this runs for every request)
-        d = NOT_KNOWN if c is None else c.decide(conn.peer_id, ex.method, ex.target)
+        d = self.decide(conn, ex.method, ex.target)
         if d.audit is not None:
             self._audit(d, conn, f"{ex.method.decode('latin-1')} {ex.target.decode('latin-1')}",
                         ex.authority)
         if d.allowed:
-            cell = self._allowed.get(d.metric_key)
-            if cell is None:
-                cell = self._allowed[d.metric_key] = self.metrics.cell(HTTP_ALLOW, d.metric_key)
-            cell[0] += 1
+            self.metrics.inc(HTTP_ALLOW, d.metric_key)
             return True
         self.metrics.inc(HTTP_DENY, d.metric_key)
         if is_grpc(ex):

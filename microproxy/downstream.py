@@ -284,13 +284,8 @@ class ServerConn(asyncio.Protocol):
         """Response bytes of ``ex``: written now when it is the active exchange, else kept
         until its turn (a pipelined request answered before the ones ahead of it)."""
         buf = ex.buf
-        if buf is None:   # (write(), inlined: this runs for every response head and body)
-            self.written += len(data)
-            out = self.out
-            if out is not None:
-                out.append(data)
-            else:
-                self.transport.write(data)
+        if buf is None:
+            self.write(data)
             return
         buf.append(data)
         ex.buf_len += len(data)
@@ -368,12 +363,7 @@ class ServerConn(asyncio.Protocol):
         if ex.rs is not None:
             ex.rs.finish(ex)   # resilience: admission slot, open attempt, route stats
         if ex.metric_key:
-            if ex.tap is None:   # (_record, inlined: this runs for every request)
-                status = ex.status
-                t = ex.resp_at or perf_counter()
-                self.metrics.record(ex.metric_key, status, status >= 500, (t - ex.start) * 1000.0, t)
-            else:
-                self._record(ex, ex.flag or None)
+            self._record(ex, ex.flag or None)
         if ex.span is not None:
             ex.span.finish(ex, self)
         if ex.flag or self.debug:
@@ -399,7 +389,7 @@ class ServerConn(asyncio.Protocol):
                 return
             nxt = self.queue.popleft()
             self.active = nxt
-            if self.paused and (not self.queue or self.queue[-1].dispatched):
+            if not self.queue or self.queue[-1].dispatched:
                 self.resume("pipeline")
             if not nxt.dispatched:
                 self.router.dispatch(self, nxt)
@@ -411,7 +401,7 @@ class ServerConn(asyncio.Protocol):
                 # pause it again)
                 if self.write_blocked:
                     nxt.upstream.pause("downstream")
-                elif nxt.upstream.paused:
+                else:
                     nxt.upstream.resume("downstream")
             if buf:
                 self.write(b"".join(buf))

@@ -26,7 +26,6 @@ BUCKETS = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 200
            4000, 5000, 10000, 20000, 30000, 40000, 50000)
 _BUCKET_LABELS = tuple(f'le="{b}"' for b in BUCKETS) + ('le="+Inf"',)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_NB = len(BUCKETS) + 1
 
 
 def escape(value: str) -> str:
@@ -79,9 +78,8 @@ class Metrics:
     def record(self, key: str, status: int, failure: bool, latency_ms: float, now: float,
                grpc_status: int | None | bool = False) -> None:
         """A response for the Prometheus histogram (response_total, response_latency_ms) and
-        the ``/stats`` window, with one bisect; ``Window.add`` is inlined (this runs for every
-        request). A gRPC response passes its ``grpc_status`` (None when missing), a label of
-        its histogram series (not of its window row)."""
+        the ``/stats`` window, with one bisect. A gRPC response passes its ``grpc_status``
+        (None when missing), a label of its histogram series (not of its window row)."""
         if grpc_status is not False:
             gs = f'grpc_status="{"" if grpc_status is None else grpc_status}"'
             k = (f"{key},{gs}" if key else gs, status, "failure" if failure else "success")
@@ -94,16 +92,7 @@ class Metrics:
         r.buckets[b] += 1
         r.count += 1
         r.sum += latency_ms
-        w = self.window
-        sec = int(now)
-        if sec != w.cur_sec:
-            w._advance(sec)
-        row = w.cur.get(key)
-        if row is None:
-            row = w.cur[key] = [0, 0, 0, [0] * _NB]
-        row[0] += 1
-        row[2 if failure else 1] += 1
-        row[3][b] += 1
+        self.window.add(key, failure, latency_ms, now, b)
 
     # --- TCP (per accepted connection, keyed by its label string)
     def tcp_opened(self, key: str) -> None:

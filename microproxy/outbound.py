@@ -94,22 +94,16 @@ class Outbound:
         return auth
 
     def dispatch(self, conn: ServerConn, ex: Exchange) -> None:
-        # (this runs for every request: the common cases of split_target, _authority,
-        # resolve_and_send and pool are inlined)
-        target = ex.target
-        if target[:1] == b"/":   # origin form: the authority is the Host header
-            host, path = ex.host, target
-        else:
-            host, path = split_target(target)
-            if host is None:
-                if not path:
-                    conn.respond_error(ex, 400, "unsupported request target", "BR")
-                    return
-                host = ex.host
+        host, path = split_target(ex.target)
+        if host is None:
+            if not path:
+                conn.respond_error(ex, 400, "unsupported request target", "BR")
+                return
+            host = ex.host
         if not host:
             conn.respond_error(ex, 400, "no authority in request", "BR")
             return
-        auth = self.hosts.get(host) or self._authority(host)
+        auth = self._authority(host)
         if auth is None:
             conn.respond_error(ex, 400, "invalid authority", "BR")
             return
@@ -126,11 +120,7 @@ class Outbound:
         tracer = self.proxy.tracer
         ex.wire_head = ex.head(path, host) if tracer is None else \
             ex.head(path, host, *tracer.begin(ex, CLIENT, path))
-        res = self.proxy.discovery.get(auth)
-        if res.exists and res.endpoints:
-            self.send(conn, ex, res)
-        else:
-            self.resolve_and_send(conn, ex, auth)
+        self.resolve_and_send(conn, ex, auth)
 
     def resolve_and_send(self, conn: ServerConn, ex: Exchange, auth: str) -> None:
         """Send ``ex`` (head ready) to the service ``auth``, waiting for its endpoints if needed."""
@@ -246,9 +236,7 @@ class Outbound:
             ex.tap = proxy.tap_request(conn, ex.method, ex.authority, split_target(ex.target)[1] or ex.target, {
                 "workload": ep.labels.get("workload"), "namespace": ep.labels.get("namespace"),
                 "identity": ep.identity, "addr": f"{ep.addr[0]}:{ep.addr[1]}"}, True)
-        pool = ep.pool
-        if pool is None:
-            pool = self.pool(ep)
+        pool = self.pool(ep)
         pipelinable = pool.depth > 1 and ex.pipelinable()
         if pipelinable:
             up = pool.pipeline_target()

@@ -102,13 +102,12 @@ def configure(s: Settings) -> None:
 # === per-service state ===
 
 class Service:
-    __slots__ = ("authority", "admission", "budget", "route_keys")
+    __slots__ = ("authority", "admission", "budget")
 
     def __init__(self, authority: str) -> None:
         self.authority = authority
         self.admission = breaker.Admission(settings().limits)
         self.budget = retry.Budget()
-        self.route_keys: dict[str, str] = {}   # route name -> ROUTES key (a cache)
 
 
 def new_endpoint(now: float) -> balance.Endpoint:
@@ -333,7 +332,7 @@ class ReqState:
             lb.cancel()
         if self.admitted:
             self.admitted = False
-            self.svc.admission.pending -= 1   # (Admission.request_done, inlined)
+            self.svc.admission.request_done()
         t = ex.resp_at or perf_counter()
         status = ex.status
         window = ROUTES.both if self.first is not None and not self.retries else ROUTES.effective
@@ -355,19 +354,8 @@ def admit(out: Any, conn: "ServerConn", ex: "Exchange", res: Any) -> ReqState | 
     if verdict is not breaker.ADMIT:
         return verdict  # type: ignore[return-value]
     svc.budget.deposit(monotonic())
-    route = ex.route   # (policy_of, inlined: this runs for every request)
-    if route is None:
-        policy, name = (_settings or settings()).default_retry, DEFAULT_NAME
-    elif route.retry is None and route.rule == -1:
-        policy, name = (_settings or settings()).default_retry, route.name
-    else:
-        policy, name = route.retry, route.name
-    key = svc.route_keys.get(name)
-    if key is None:
-        if len(svc.route_keys) > 1000:
-            svc.route_keys.clear()
-        key = svc.route_keys[name] = ROUTES.key(res.authority, name)
-    return ReqState(out, conn, res, svc, policy, key)
+    policy, name = policy_of(ex)
+    return ReqState(out, conn, res, svc, policy, ROUTES.key(res.authority, name))
 
 
 # === visibility ===

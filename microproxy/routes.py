@@ -80,10 +80,7 @@ class RouteRouter:
 
     def count(self, ex: Exchange, route: Route) -> None:
         """Count a request on ``route`` (route_request_total) and its response when it ends."""
-        entry = self._keys.get(id(route))
-        if entry is None or entry.route is not route:
-            entry = self.keys(ex.authority, route)
-        entry.requests[0] += 1
+        self.keys(ex.authority, route).requests[0] += 1
         ex.route = route
         ex.on_finish = self._ended_cb
 
@@ -97,10 +94,7 @@ class RouteRouter:
         if t is not None:
             ex.timer = None
             t.cancel()
-        entry = self._keys.get(id(ex.route))
-        if entry is not None:
-            status = ex.status
-            (entry.failure if status >= 500 or not status else entry.success)[0] += 1
+        self.count_response(ex.route, ex.status >= 500 or not ex.status)
 
     def default(self, conn: ServerConn, ex: Exchange, prof: Profile) -> None:
         """No HTTPRoute: the request goes to the authority itself; only counted."""

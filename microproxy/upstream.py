@@ -7,15 +7,15 @@ import asyncio
 import logging
 import re
 from collections import deque
-from http import HTTPStatus
 from collections.abc import Mapping
+from http import HTTPStatus
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
 from .core.routing import modify_headers
-from .http1 import FRAMING, HIGH_WATER, HOP_BY_HOP, LOW_WATER, Exchange
+from .http1 import CONNECTION_OPTIONS, FRAMING, HIGH_WATER, HOP_BY_HOP, LOW_WATER, Exchange
 
 if TYPE_CHECKING:
     from .downstream import ServerConn
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NOT_COPIED = HOP_BY_HOP | FRAMING            # response headers not copied through as they come
-CONNECTION_KEEP = frozenset((b"close", b"keep-alive", b"", b"Close", b"Keep-Alive"))   # tokens naming no header
 STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
@@ -201,12 +200,7 @@ class UpstreamConn(asyncio.Protocol):
         self.pipe.append((ex, server))
         ex.upstream = self
         ex.body_sent = True
-        out = self.wout   # (_queue_head, inlined)
-        if out is None:
-            self.wout = [head]
-            self.pool.loop.call_soon(self._write_heads)
-        else:
-            out.append(head)
+        self._queue_head(head)
 
     def _queue_head(self, head: bytes) -> None:
         out = self.wout
@@ -281,10 +275,10 @@ class UpstreamConn(asyncio.Protocol):
                 length = value
             elif name == b"transfer-encoding":
                 chunked = True
-            elif name == b"connection" and value not in CONNECTION_KEEP:
+            elif name == b"connection" and value.lower() not in CONNECTION_OPTIONS:
                 for t in value.split(b","):
                     t = t.strip().lower()
-                    if t not in CONNECTION_KEEP:
+                    if t not in CONNECTION_OPTIONS:
                         if drop is None:
                             drop = set()
                         drop.add(t)
@@ -308,8 +302,8 @@ class UpstreamConn(asyncio.Protocol):
             # never forwarded, whatever the route sets or adds (nor those Connection named).
             modified = modify_headers(route.response_headers,
                                       [(hdr[i], hdr[i + 2]) for i in range(0, len(hdr), 4)])
-            hdr = serialize([(name.lower(), value) for name, value in modified
-                             if name.lower() not in NOT_COPIED and (drop is None or name.lower() not in drop)])
+            hdr = serialize([(name, value) for name, value in ((n.lower(), v) for n, v in modified)
+                             if name not in NOT_COPIED and (drop is None or name not in drop)])
         if has_len:
             hdr += (b"content-length: ", length, b"\r\n")
         if not informational:
@@ -345,12 +339,7 @@ class UpstreamConn(asyncio.Protocol):
             ex.resp_bytes += len(data)
         if self.resp_chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
-        out = server.out
-        if out is not None and ex.buf is None:   # (server.send, inlined: corked, its turn)
-            server.written += len(data)
-            out.append(data)
-        else:
-            server.send(ex, data)
+        server.send(ex, data)
 
     def on_message_complete(self) -> None:
         if self._hdr or self._special:   # trailer fields (on_header after the head): dropped,
@@ -371,24 +360,12 @@ class UpstreamConn(asyncio.Protocol):
             return  # an interim response; the final one follows
         if self.resp_chunked:
             server.send(ex, b"0\r\n\r\n")
-        # (_end and _next's common case, inlined: this runs for every response)
-        self.ex = self.server = None
-        if self.paused:
-            self._unpause()
-        if self.resp_keep_alive and ex.body_done and not self.resp_until_close:
-            if self.pipe:
-                self._next()
-            else:
-                self.pool.release(self)
-        else:
-            self.close()
-        server.finish(ex)
+        self._end(ex, server)
 
     def _end(self, ex: Exchange, server: ServerConn) -> None:
         self.ex = self.server = None
         reusable = self.resp_keep_alive and ex.body_done and not self.resp_until_close
-        if self.paused:
-            self._unpause()
+        self._unpause()
         if reusable:
             self._next()
         else:
@@ -420,7 +397,7 @@ class UpstreamConn(asyncio.Protocol):
         if server.write_blocked and server.active is self.ex:
             self.pause("downstream")   # its client's pause_writing came while it waited its turn
         if self.corked is not None and server.out is None:
-            server.out = []   # cork it until this read is parsed
+            server.cork()
             self.corked.append(server)
 
 

@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from microproxy.http1 import ERROR_HEADER, MAX_HEADERS, Exchange, Reject, check_head, error_response, parse_digits
+from microproxy.http1 import ERROR_HEADER, MAX_HEADERS, Reject, check_head, error_response, parse_digits
 from microproxy.outbound import normalize_authority, split_target
+from tests.http1_fakes import get, relay
 
 H = (b"host", b"books.default:7002")
 
@@ -240,10 +241,6 @@ def test_split_target(target: bytes, want: tuple[bytes | None, bytes]) -> None:
 
 # --- forwarding: what goes upstream (Exchange.head) and what comes back (UpstreamConn)
 
-def _ex(headers: list[tuple[bytes, bytes]], chunked: bool = False) -> Exchange:
-    return Exchange(b"GET", b"/p", "1.1", headers, b"h", True, chunked, None)
-
-
 HEADS = [
     ("plain", [(b"host", b"h"), (b"x-a", b"1")], {}, b"host: h\r\nx-a: 1\r\n"),
     ("hop-by-hop stripped", [(b"host", b"h"), (b"keep-alive", b"5"), (b"te", b"trailers"),
@@ -263,7 +260,7 @@ HEADS = [
 
 @pytest.mark.parametrize("headers,kw,want", [h[1:] for h in HEADS], ids=[h[0] for h in HEADS])
 def test_request_head_forwarded(headers: list[tuple[bytes, bytes]], kw: dict, want: bytes) -> None:
-    ex = _ex(headers, kw.pop("chunked", False))
+    ex = get(headers, kw.pop("chunked", False))
     assert ex.head(b"/p", b"h", **kw) == b"GET /p HTTP/1.1\r\n" + want + b"\r\n"
 
 
@@ -273,60 +270,6 @@ def test_header_value_checks_survive_the_cache() -> None:
         assert check_head("1.1", ok) == (None, False, b"h")
     with pytest.raises(Reject):
         check_head("1.1", [(b"host", b"h"), (b"x-a", b"fi\x00ne")])
-
-
-class _T:
-    """A transport that keeps what is written."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed = False
-
-    def write(self, d: bytes) -> None:
-        self.data += bytes(d)
-
-    def set_write_buffer_limits(self, *a: object) -> None:
-        pass
-
-    def get_extra_info(self, *a: object) -> None:
-        return None
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-    def pause_reading(self) -> None:
-        pass
-
-    resume_reading = pause_reading
-
-
-def _relay(raw: bytes) -> bytes:
-    """What the proxy's client receives when the upstream answers ``raw`` to a GET."""
-    import asyncio
-
-    from microproxy.downstream import ServerConn
-    from microproxy.metrics import Metrics
-    from microproxy.upstream import Pool, UpstreamConn
-    loop = asyncio.new_event_loop()
-    try:
-        server = ServerConn(None, Metrics(), set(), loop)   # type: ignore[arg-type]
-        down = _T()
-        server.connection_made(down)
-        up = UpstreamConn(Pool(loop, None, None))
-        up.connection_made(_T())
-        ex = _ex([(b"host", b"h")])
-        server.active = ex
-        up.attach(ex, server, ex.head(b"/p", b"h"))
-        up.data_received(raw)
-        assert ex.done
-        return down.data
-    finally:
-        loop.close()
 
 
 RESPONSES = [
@@ -348,4 +291,4 @@ RESPONSES = [
 
 @pytest.mark.parametrize("raw,want", [r[1:] for r in RESPONSES], ids=[r[0] for r in RESPONSES])
 def test_response_head_forwarded(raw: bytes, want: bytes) -> None:
-    assert _relay(raw) == want
+    assert relay([raw]) == [want]

@@ -4,85 +4,20 @@ route header modifiers cannot add hop-by-hop or framing headers, trailers never 
 response's headers, a Connection header cannot strip a request's Content-Length, counter cells
 are series only once counted.
 
-Driven like tests/test_http1_unit.py's _relay: a real UpstreamConn and ServerConn over fake
-transports, no sockets, no sleeps."""
+Driven by tests/http1_fakes.py: a real UpstreamConn and ServerConn over fake transports, no
+sockets, no sleeps."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from microproxy.core.httproute import HeaderModifier
 from microproxy.core.routing import Route
 from microproxy.http1 import Exchange, Reject, check_head
-
-
-class _T:
-    """A transport that keeps what is written."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed = False
-
-    def write(self, d: bytes) -> None:
-        self.data += bytes(d)
-
-    def set_write_buffer_limits(self, *a: object) -> None:
-        pass
-
-    def get_extra_info(self, *a: object) -> None:
-        return None
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-    def pause_reading(self) -> None:
-        pass
-
-    resume_reading = pause_reading
-
-
-def _ex() -> Exchange:
-    return Exchange(b"GET", b"/p", "1.1", [(b"host", b"h")], b"h", True, False, None)
+from tests.http1_fakes import RecordingTransport, relay
 
 
 def _route(mod: HeaderModifier) -> Route:
     return Route("r", "default", 0, (), (), response_headers=mod)
-
-
-def _relay_each(raws: list[bytes], route: Any = None) -> list[bytes]:
-    """What the proxy's client receives for each of ``raws``, the upstream's answers to GETs
-    sent one after the other on one pooled upstream connection."""
-    from microproxy.downstream import ServerConn
-    from microproxy.metrics import Metrics
-    from microproxy.upstream import Pool, UpstreamConn
-    loop = asyncio.new_event_loop()
-    try:
-        server = ServerConn(None, Metrics(), set(), loop)   # type: ignore[arg-type]
-        down = _T()
-        server.connection_made(down)
-        pool = Pool(loop, None, None)
-        up = UpstreamConn(pool)
-        up.connection_made(_T())
-        out = []
-        for raw in raws:
-            ex = _ex()
-            ex.route = route
-            server.active = ex
-            conn = pool.take() or up
-            assert conn is up   # the same connection, reused
-            up.attach(ex, server, ex.head(b"/p", b"h"))
-            up.data_received(raw)
-            assert ex.done
-            out.append(down.data)
-            down.data = b""
-        return out
-    finally:
-        loop.close()
 
 
 # --- regression: ResponseHeaderModifier output is no longer filtered for hop-by-hop headers
@@ -93,7 +28,7 @@ def test_response_header_modifier_cannot_add_hop_by_hop_headers() -> None:
     the upstream's Content-Length: the client is told two framings."""
     mod = HeaderModifier(set=(("x-s", "1"),),
                          add=(("transfer-encoding", "chunked"), ("keep-alive", "timeout=5")))
-    [got] = _relay_each([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], _route(mod))
+    [got] = relay([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], _route(mod))
     assert got == b"HTTP/1.1 200 OK\r\nx-s: 1\r\ncontent-length: 2\r\n\r\nok"
 
 
@@ -101,7 +36,7 @@ def test_response_header_modifier_header_named_by_connection_is_dropped() -> Non
     """Before the change, headers the upstream's Connection header names were dropped after
     the modifier ran (so also when the modifier adds one); now they are filtered before it."""
     mod = HeaderModifier(add=(("x-a", "added"),))
-    [got] = _relay_each([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x-a\r\nX-A: 1\r\n\r\nok"],
+    [got] = relay([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x-a\r\nX-A: 1\r\n\r\nok"],
                         _route(mod))
     assert got == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 
@@ -115,7 +50,7 @@ def test_trailers_do_not_leak_into_the_next_response() -> None:
     first = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
              b"2\r\nok\r\n0\r\nX-Secret: from-the-first-response\r\n\r\n")
     second = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    got = _relay_each([first, second])
+    got = relay([first, second])
     assert got[0] == b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
     assert got[1] == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 
@@ -166,7 +101,7 @@ def test_request_trailers_are_not_taken_as_headers() -> None:
     loop = asyncio.new_event_loop()
     try:
         conn = ServerConn(Router(), Metrics(), set(), loop)   # type: ignore[arg-type]
-        conn.connection_made(_T())
+        conn.connection_made(RecordingTransport())
         conn.data_received(b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
                            b"2\r\nok\r\n0\r\nX-Trailer: t\r\n\r\n")
         [ex] = seen
